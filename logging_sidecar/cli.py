@@ -1,0 +1,66 @@
+"""``credit-risk sidecar`` (ship the spool to MLflow) and ``credit-risk records`` (read back)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    sidecar = subparsers.add_parser(
+        "sidecar",
+        help="ship captured inference records from the spool to MLflow",
+        description="Run the logging sidecar in the foreground. Configured by environment "
+        "variables (see logging_sidecar/settings.py): CREDIT_RISK_SPOOL_DIR, "
+        "CREDIT_RISK_FLUSH_RECORDS, CREDIT_RISK_FLUSH_INTERVAL_S, CREDIT_RISK_SIDECAR_PORT, "
+        "MLFLOW_TRACKING_URI, ...; flags override them.",
+    )
+    sidecar.add_argument("--spool-dir", type=Path, help="the spool folder (CREDIT_RISK_SPOOL_DIR)")
+    sidecar.add_argument(
+        "--port", type=int, help="health and metrics port (CREDIT_RISK_SIDECAR_PORT, default 8083)"
+    )
+    sidecar.set_defaults(handler=run_sidecar)
+
+    records = subparsers.add_parser(
+        "records",
+        help="read shipped inference records back from MLflow",
+        description="Print (or save) the inference records shipped to MLflow, one row per "
+        "scored row, with the training feature names.",
+    )
+    records.add_argument("--model-version", help="only this registry version")
+    records.add_argument("--since", help="only records at or after this ISO time (UTC if naive)")
+    records.add_argument("--output", type=Path, help="write to this .parquet or .csv file")
+    records.set_defaults(handler=show_records)
+
+
+def run_sidecar(args) -> int:
+    from logging_sidecar.service import run_sidecar as run
+    from logging_sidecar.settings import SidecarSettings
+
+    if args.spool_dir:
+        os.environ["CREDIT_RISK_SPOOL_DIR"] = str(args.spool_dir)
+    if args.port:
+        os.environ["CREDIT_RISK_SIDECAR_PORT"] = str(args.port)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
+    )
+    run(SidecarSettings())
+    return 0
+
+
+def show_records(args) -> int:
+    from logging_sidecar.reader import read_records
+
+    records = read_records(model_version=args.model_version, since=args.since)
+    if args.output is None:
+        print(records.to_string(max_rows=20))
+    elif args.output.suffix == ".parquet":
+        records.to_parquet(args.output, index=False)
+    elif args.output.suffix == ".csv":
+        records.to_csv(args.output, index=False)
+    else:
+        raise ValueError(f"--output must end in .parquet or .csv, got {args.output}")
+    print(f"{len(records)} records", file=sys.stderr)
+    return 0

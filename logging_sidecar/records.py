@@ -1,0 +1,82 @@
+"""Inference records as tables: one row per scored row, the layout drift tools read.
+
+Columns: ``request_id``, ``row_index``, ``timestamp`` (UTC), ``model_name``,
+``model_version``, ``dataset_hash``, the ten features under their training names (NaN for
+missing), ``prediction``, ``probability`` and ``latency_ms`` (of the whole request).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
+
+IDENTITY_COLUMNS = ("request_id", "row_index", "timestamp", "model_name", "model_version", "dataset_hash")
+COLUMNS = (*IDENTITY_COLUMNS, *FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY, "latency_ms")
+KEY = ["request_id", "row_index"]
+
+
+class RunKey(NamedTuple):
+    """Records land in one MLflow run per model version and UTC day."""
+
+    model_name: str
+    model_version: str
+    dataset_hash: str
+    day: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.model_name}/v{self.model_version}/{self.day}"
+
+
+def run_key(request: dict) -> RunKey:
+    day = datetime.fromtimestamp(request["timestamp_ns"] / 1e9, tz=UTC).date().isoformat()
+    return RunKey(request["model_name"], request["model_version"], request["dataset_hash"], day)
+
+
+def to_frame(requests: list[dict]) -> pd.DataFrame:
+    """Expand request lines (columnar per request) into one row per scored row."""
+    rows = [len(r["outputs"][OUTPUT_PROBABILITY]) for r in requests]
+    repeat = np.repeat
+    columns = {
+        "request_id": repeat([r["request_id"] for r in requests], rows),
+        "row_index": np.concatenate([np.arange(n, dtype="int32") for n in rows]) if rows else [],
+        "timestamp": pd.to_datetime(repeat([r["timestamp_ns"] for r in requests], rows), utc=True),
+        "model_name": repeat([r["model_name"] for r in requests], rows),
+        "model_version": repeat([r["model_version"] for r in requests], rows),
+        "dataset_hash": repeat([r["dataset_hash"] for r in requests], rows),
+    }
+    for name in FEATURES:
+        columns[name] = np.array(
+            [np.nan if v is None else v for r in requests for v in r["features"][name]], dtype="float64"
+        )
+    columns[OUTPUT_PREDICTION] = np.array(
+        [v for r in requests for v in r["outputs"][OUTPUT_PREDICTION]], dtype="int64"
+    )
+    columns[OUTPUT_PROBABILITY] = np.array(
+        [v for r in requests for v in r["outputs"][OUTPUT_PROBABILITY]], dtype="float64"
+    )
+    columns["latency_ms"] = repeat(np.array([r["latency_ms"] for r in requests], dtype="float64"), rows)
+    frame = pd.DataFrame(columns)
+    for name in ("request_id", "model_name", "model_version", "dataset_hash"):
+        frame[name] = frame[name].astype("string")
+    return frame
+
+
+def summary_metrics(frame: pd.DataFrame) -> dict[str, float]:
+    """Per-batch figures a dashboard can chart without opening the Parquet files."""
+    metrics = {
+        "batch_records": float(len(frame)),
+        "batch_mean_probability": float(frame[OUTPUT_PROBABILITY].mean()),
+        "batch_positive_rate": float(frame[OUTPUT_PREDICTION].mean()),
+    }
+    for name in FEATURES:
+        column = frame[name]
+        metrics[f"feature_missing_share/{name}"] = float(column.isna().mean())
+        if column.notna().any():
+            metrics[f"feature_mean/{name}"] = float(column.mean())
+    return metrics

@@ -1,0 +1,120 @@
+"""Strict translation between Open Inference (V2) tensors and the model's DataFrames.
+
+Stock MLServer decoding pads columns of unequal length with NaN and lets type errors surface
+as 500s; here every structural problem becomes an ``InvalidRequest`` (HTTP 400) that names
+the input and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlserver.codecs import PandasCodec
+from mlserver.errors import MLServerError
+from mlserver.types import Datatype, InferenceRequest, InferenceResponse, Parameters
+
+# A client must not have to guess between INT64 and FP64: every numeric type is accepted.
+NUMERIC_DATATYPES = frozenset(
+    {
+        Datatype.INT8,
+        Datatype.INT16,
+        Datatype.INT32,
+        Datatype.INT64,
+        Datatype.UINT8,
+        Datatype.UINT16,
+        Datatype.UINT32,
+        Datatype.UINT64,
+        Datatype.FP16,
+        Datatype.FP32,
+        Datatype.FP64,
+    }
+)
+
+
+class InvalidRequest(MLServerError):
+    """HTTP 400. Takes only the message, so that it survives pickling between MLServer's
+    worker processes with its status code intact."""
+
+    def __init__(self, message: str):
+        super().__init__(message, status_code=400)
+
+
+def _flatten(data: Any) -> list:
+    if isinstance(data, list) and any(isinstance(item, list) for item in data):
+        return [value for item in data for value in _flatten(item)]
+    return data if isinstance(data, list) else [data]
+
+
+def _column(name: str, datatype: Datatype | str, shape: list[int], data: Any) -> np.ndarray:
+    datatype = Datatype(datatype)  # MLServer's request model keeps the plain string
+    if datatype not in NUMERIC_DATATYPES:
+        raise InvalidRequest(
+            f"input '{name}': datatype {datatype.value} is not numeric; send INT64 or FP64 "
+            "(null for a missing value)"
+        )
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
+        raise InvalidRequest(f"input '{name}': shape {shape} is not [rows] or [rows, 1]")
+    values = _flatten(data)
+    if len(values) != shape[0]:
+        raise InvalidRequest(
+            f"input '{name}': shape {shape} announces {shape[0]} value(s), data has {len(values)}"
+        )
+    column = np.empty(len(values), dtype="float64")
+    for row, value in enumerate(values):
+        if value is None:
+            column[row] = math.nan
+        elif type(value) in (int, float):
+            column[row] = value
+        else:
+            kind = "boolean" if isinstance(value, bool) else type(value).__name__
+            raise InvalidRequest(
+                f"input '{name}': row {row} is a {kind} ({value!r}), expected a number or null"
+            )
+    return column
+
+
+def request_frame(payload: InferenceRequest, columns: Sequence[str]) -> pd.DataFrame:
+    """One float64 column per expected input, NaN where the client sent null."""
+    names = [request_input.name for request_input in payload.inputs]
+    problems = []
+    if duplicated := sorted({name for name in names if names.count(name) > 1}):
+        problems.append(f"input(s) {duplicated} given more than once")
+    if unknown := [name for name in names if name not in columns]:
+        problems.append(f"unknown input(s) {unknown}")
+    if missing := [name for name in columns if name not in names]:
+        problems.append(f"missing input(s) {missing}")
+    if problems:
+        raise InvalidRequest("; ".join(problems) + f"; expected exactly {list(columns)}")
+
+    frame = {
+        item.name: _column(item.name, item.datatype, item.shape, item.data.root) for item in payload.inputs
+    }
+    lengths = {name: len(values) for name, values in frame.items()}
+    if len(set(lengths.values())) > 1:
+        raise InvalidRequest(f"inputs have unequal lengths {lengths}; every input needs one value per row")
+    return pd.DataFrame({name: frame[name] for name in columns})
+
+
+def requested_outputs(payload: InferenceRequest, available: Sequence[str]) -> list[str]:
+    """The outputs the client asked for (all of them when it named none)."""
+    if not payload.outputs:
+        return list(available)
+    names = [output.name for output in payload.outputs]
+    if unknown := [name for name in names if name not in available]:
+        raise InvalidRequest(f"unknown output(s) {unknown}; available: {list(available)}")
+    return names
+
+
+def response(
+    model_name: str,
+    model_version: str,
+    predictions: pd.DataFrame,
+    parameters: dict[str, str],
+) -> InferenceResponse:
+    encoded = PandasCodec.encode_response(model_name, predictions, model_version)
+    encoded.parameters = Parameters(content_type=PandasCodec.ContentType, **parameters)
+    return encoded

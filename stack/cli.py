@@ -1,0 +1,165 @@
+"""The ``credit-risk`` command: one entry point for every part of the project.
+
+``train``, ``serve`` and ``sidecar`` run one part in the foreground; ``up`` and ``down``
+start and stop the whole local stack in the background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import httpx
+
+from logging_sidecar import settings as sidecar_settings
+from logging_sidecar.cli import add_parser as add_sidecar_parser
+from serving.cli import add_parser as add_serve_parser
+from serving.settings import MODEL_NAME, SERVING_DIR
+from stack import mlflow_server, processes
+from training.cli import add_parser as add_train_parser
+
+DEFAULT_STATE_DIR = Path(os.environ.get("CREDIT_RISK_HOME", ".credit-risk"))
+SERVING_HTTP_PORT = 8080
+EXAMPLE_REQUEST = SERVING_DIR / "example-request.json"
+_COMMAND = str(Path(sys.executable).with_name("credit-risk"))
+
+
+class LocalStack:
+    """The three long-running processes of ``credit-risk up``, configured from the flags."""
+
+    def __init__(self, args):
+        self.state_dir: Path = args.state_dir.resolve()
+        self.tracking_uri = mlflow_server.tracking_uri(mlflow_server.DEFAULT_HOST, args.mlflow_port)
+        self.infer_url = f"http://127.0.0.1:{args.http_port}/v2/models/{MODEL_NAME}/infer"
+        client_env = {
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "CREDIT_RISK_SPOOL_DIR": str(self.state_dir / "spool"),
+        }
+        self.mlflow = mlflow_server.service(self.state_dir / "mlflow", port=args.mlflow_port)
+        self.serving = processes.Service(
+            "serving",
+            [_COMMAND, "serve", "--http-port", str(args.http_port)],
+            f"http://127.0.0.1:{args.http_port}/v2/health/ready",
+            client_env,
+        )
+        self.sidecar = processes.Service(
+            "sidecar",
+            [_COMMAND, "sidecar", "--port", str(args.sidecar_port)],
+            f"http://127.0.0.1:{args.sidecar_port}/health",
+            client_env,
+        )
+
+    def ensure_running(self, service: processes.Service, timeout: float) -> str:
+        if processes.running_pid(service, self.state_dir) and processes.is_healthy(service.health_url):
+            return "already running"
+        if processes.is_healthy(service.health_url):
+            raise processes.ServiceError(
+                f"something else already answers at {service.health_url}; stop it or choose another port"
+            )
+        process = processes.start(service, self.state_dir)
+        processes.wait_healthy(service, process, self.state_dir, timeout)
+        return f"started (pid {process.pid}, log {service.log_path(self.state_dir)})"
+
+
+def up(args) -> int:
+    from training.settings import TrainingSettings
+    from training.train import stage, summary, train
+
+    stack = LocalStack(args)
+    with stage(f"MLflow tracking server on {stack.tracking_uri}"):
+        print(f"  {stack.ensure_running(stack.mlflow, timeout=120)}")
+
+    os.environ["MLFLOW_TRACKING_URI"] = stack.tracking_uri
+    result = train(TrainingSettings(**({"data": args.data} if args.data else {})))
+    print(summary(result))
+
+    if result.promoted:  # a running MLServer keeps the version it loaded
+        processes.stop(stack.serving, stack.state_dir)
+    with stage(f"MLServer on {stack.infer_url}"):
+        print(f"  {stack.ensure_running(stack.serving, timeout=180)}")
+    with stage(f"Logging sidecar on {stack.sidecar.health_url}"):
+        print(f"  {stack.ensure_running(stack.sidecar, timeout=60)}")
+
+    answer = httpx.post(
+        stack.infer_url,
+        content=EXAMPLE_REQUEST.read_bytes(),
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    answer.raise_for_status()
+    print(f"\nOne real inference ({EXAMPLE_REQUEST}):\n{json.dumps(answer.json(), indent=2)}")
+    print(
+        f"\nMLflow UI:    {stack.tracking_uri}\n"
+        f"V2 endpoint:  {stack.infer_url}\n"
+        f"Try it:       curl -s -H 'Content-Type: application/json' -d @{EXAMPLE_REQUEST} {stack.infer_url}\n"
+        f"Logs:         {stack.state_dir / 'logs'}\n"
+        f"Stop:         {_COMMAND} down"
+    )
+    return 0
+
+
+def down(args) -> int:
+    stack = LocalStack(args)
+    for service in (stack.sidecar, stack.serving, stack.mlflow):
+        stopped = processes.stop(service, stack.state_dir)
+        print(f"{service.name}: {'stopped' if stopped else 'not running'}")
+    return 0
+
+
+def _add_stack_parsers(subparsers) -> None:
+    for name, handler, text in (
+        ("up", up, "start MLflow, train on the bundled sample (or --data), serve, and infer once"),
+        ("down", down, "stop what `credit-risk up` started"),
+    ):
+        parser = subparsers.add_parser(name, help=text, description=text)
+        parser.add_argument(
+            "--state-dir",
+            type=Path,
+            default=DEFAULT_STATE_DIR,
+            help="where the stack keeps its database, artifacts, logs and pids "
+            "($CREDIT_RISK_HOME, default ./.credit-risk)",
+        )
+        parser.add_argument("--mlflow-port", type=int, default=mlflow_server.DEFAULT_PORT)
+        parser.add_argument("--http-port", type=int, default=SERVING_HTTP_PORT)
+        parser.add_argument("--sidecar-port", type=int, default=sidecar_settings.DEFAULT_PORT)
+        if name == "up":
+            parser.add_argument("--data", type=Path, help="training CSV (default: bundled sample)")
+        parser.set_defaults(handler=handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="credit-risk",
+        description="Train, register, promote and serve the credit-risk model.",
+    )
+    subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
+    add_train_parser(subparsers)
+    add_serve_parser(subparsers)
+    add_sidecar_parser(subparsers)
+    _add_stack_parsers(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
+    from training.data import DataError
+
+    try:
+        return args.handler(args)
+    except (DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (processes.ServiceError, MlflowException, httpx.HTTPError, ConnectionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

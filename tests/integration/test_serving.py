@@ -1,0 +1,203 @@
+"""MLServer serving the Production model from a real registry, over REST and tritonclient."""
+
+import json
+import math
+
+import httpx
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from model.schema import COUNTS, FEATURES
+from serving.settings import MODEL_NAME, MODEL_URI, SERVING_DIR
+from training.data import load_training_data, sha256_of_file
+from training.registry import PRODUCTION_MODEL_URI, production_version
+
+pytestmark = pytest.mark.integration
+
+
+def v2_body(frame: pd.DataFrame, integer_counts=True, **extra) -> dict:
+    inputs = []
+    for name in FEATURES:
+        values = [None if math.isnan(v) else v for v in frame[name].tolist()]
+        as_int = integer_counts and name in COUNTS
+        inputs.append(
+            {
+                "name": name,
+                "shape": [len(frame)],
+                "datatype": "INT64" if as_int else "FP64",
+                "data": [None if v is None else (int(v) if as_int else v) for v in values],
+            }
+        )
+    return {"inputs": inputs, **extra}
+
+
+def infer(mlserver, body, **kwargs) -> httpx.Response:
+    return httpx.post(f"{mlserver['url']}/v2/models/{MODEL_NAME}/infer", json=body, timeout=30, **kwargs)
+
+
+def outputs(response) -> dict:
+    return {o["name"]: o["data"] for o in response.json()["outputs"]}
+
+
+@pytest.fixture(scope="module")
+def rows(sample_path):
+    return load_training_data(sample_path).features.head(64).reset_index(drop=True)
+
+
+def test_model_settings_agree_with_the_registry_names():
+    assert MODEL_URI == PRODUCTION_MODEL_URI
+
+
+def test_inference_equals_the_registered_model_bit_for_bit(mlserver, tracking_uri, rows, sample_path):
+    response = infer(mlserver, v2_body(rows, id="request-1"))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    version = production_version(MlflowClient(tracking_uri)).version
+    assert answer["id"] == "request-1"
+    assert answer["model_version"] == version
+    assert answer["parameters"]["registry_version"] == version
+    assert answer["parameters"]["dataset_hash"] == sha256_of_file(sample_path)
+
+    mlflow.set_tracking_uri(tracking_uri)
+    expected = mlflow.pyfunc.load_model(f"models:/credit-risk-model/{version}").predict(rows)
+    got = outputs(response)
+    assert np.array_equal(np.array(got["probability"]).ravel(), expected["probability"].to_numpy())
+    assert np.array_equal(np.array(got["prediction"]).ravel(), expected["prediction"].to_numpy())
+    assert rows.isna().any().any(), "the rows should include missing values"
+
+
+def test_integer_and_float_inputs_give_the_same_answer(mlserver, rows):
+    as_ints, as_floats = infer(mlserver, v2_body(rows)), infer(mlserver, v2_body(rows, integer_counts=False))
+    assert as_ints.status_code == as_floats.status_code == 200
+    assert outputs(as_ints) == outputs(as_floats)
+
+
+def test_requested_outputs_only(mlserver, rows):
+    response = infer(mlserver, v2_body(rows.head(3), outputs=[{"name": "probability"}]))
+    assert response.status_code == 200 and list(outputs(response)) == ["probability"]
+
+
+def test_metadata_names_registry_version_and_dataset_hash(mlserver, tracking_uri, sample_path):
+    metadata = httpx.get(f"{mlserver['url']}/v2/models/{MODEL_NAME}", timeout=10).json()
+    version = production_version(MlflowClient(tracking_uri)).version
+    assert metadata["versions"] == [version]
+    assert metadata["parameters"]["registry_version"] == version
+    assert metadata["parameters"]["dataset_hash"] == sha256_of_file(sample_path)
+    assert [i["name"] for i in metadata["inputs"]] == list(FEATURES)
+
+
+def test_metrics_are_labelled_with_version_and_dataset_hash(mlserver, tracking_uri, rows, sample_path):
+    assert infer(mlserver, v2_body(rows.head(5))).status_code == 200
+    text = httpx.get(f"http://127.0.0.1:{mlserver['metrics']}/metrics", timeout=10).text
+    version = production_version(MlflowClient(tracking_uri)).version
+    labels = f'dataset_hash="{sha256_of_file(sample_path)}",model="{MODEL_NAME}",version="{version}"'
+    assert f"credit_risk_model_info{{{labels}}} 1.0" in text
+    assert f"credit_risk_rows_scored_total{{{labels}}}" in text
+
+
+def test_example_request_from_the_readme(mlserver):
+    body = json.loads((SERVING_DIR / "example-request.json").read_text())
+    response = infer(mlserver, body)
+    assert response.status_code == 200, response.text
+    assert len(outputs(response)["probability"]) == 2
+
+
+def _bad(rows, name, **change):
+    body = v2_body(rows.head(3))
+    for item in body["inputs"]:
+        if item["name"] == name:
+            item.update(change)
+    return body
+
+
+def _without(rows, name):
+    body = v2_body(rows.head(3))
+    body["inputs"] = [i for i in body["inputs"] if i["name"] != name]
+    return body
+
+
+def _with_extra(rows):
+    body = v2_body(rows.head(3))
+    body["inputs"].append({"name": "Income", "shape": [3], "datatype": "FP64", "data": [1, 2, 3]})
+    return body
+
+
+BAD_INPUTS = {
+    "unknown column": (_with_extra, "unknown input(s) ['Income']"),
+    "missing column": (lambda r: _without(r, "age"), "missing input(s) ['age']"),
+    "string for a number": (lambda r: _bad(r, "age", data=["forty", 40, 41]), "input 'age': row 0 is a str"),
+    "bool for a number": (lambda r: _bad(r, "age", data=[True, 40, 41]), "input 'age': row 0 is a boolean"),
+    "BYTES datatype": (
+        lambda r: _bad(r, "age", datatype="BYTES", data=["1", "2", "3"]),
+        "datatype BYTES is not numeric",
+    ),
+    "negative count": (
+        lambda r: _bad(r, "NumberOfDependents", data=[1, -1, 0]),
+        "NumberOfDependents: must be >= 0",
+    ),
+    "fractional count": (
+        lambda r: _bad(r, "NumberOfDependents", datatype="FP64", data=[1, 0.5, 0]),
+        "NumberOfDependents: must be a whole number",
+    ),
+    "negative amount": (
+        lambda r: _bad(r, "MonthlyIncome", data=[-5.0, 1.0, 2.0]),
+        "MonthlyIncome: must be >= 0",
+    ),
+    "wrong shape": (
+        lambda r: _bad(r, "age", shape=[3, 2], data=[1, 2, 3, 4, 5, 6]),
+        "shape [3, 2] is not [rows] or [rows, 1]",
+    ),
+    "shape and data disagree": (lambda r: _bad(r, "age", shape=[4]), "announces 4 value(s), data has 3"),
+    "unequal lengths": (lambda r: _bad(r, "age", shape=[2], data=[40, 41]), "inputs have unequal lengths"),
+    "unknown output": (
+        lambda r: {**v2_body(r.head(1)), "outputs": [{"name": "score"}]},
+        "unknown output(s) ['score']",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_400_naming_the_problem(mlserver, rows, case):
+    build, message = BAD_INPUTS[case]
+    response = infer(mlserver, build(rows))
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+def test_malformed_bodies_are_4xx_with_a_message(mlserver):
+    url = f"{mlserver['url']}/v2/models/{MODEL_NAME}/infer"
+    for content in (b"not json", b"{}", b'{"inputs": [{"name": "age"}]}'):
+        response = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=10)
+        assert 400 <= response.status_code < 500, (content, response.status_code)
+        assert response.text.strip()
+
+
+def test_the_mlflow_scoring_route_is_not_a_side_door(mlserver):
+    response = httpx.post(f"{mlserver['url']}/invocations", json={"inputs": []}, timeout=10)
+    assert response.status_code == 404
+
+
+def test_tritonclient_http(mlserver, rows):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{mlserver['http']}")
+    assert client.is_model_ready(MODEL_NAME)
+    frame = rows.head(8).fillna(0)  # tritonclient sends JSON numbers; it has no null
+    inputs = []
+    for name in FEATURES:
+        tensor = triton.InferInput(name, [len(frame)], "FP64")
+        tensor.set_data_from_numpy(frame[name].to_numpy(dtype="float64"), binary_data=False)
+        inputs.append(tensor)
+    requested = [triton.InferRequestedOutput(n, binary_data=False) for n in ("prediction", "probability")]
+    result = client.infer(MODEL_NAME, inputs, outputs=requested, request_id="triton-1")
+    expected = outputs(infer(mlserver, v2_body(frame)))
+    assert result.as_numpy("probability").ravel().tolist() == np.ravel(expected["probability"]).tolist()
+    assert result.get_response()["id"] == "triton-1"
+    # Without explicit outputs tritonclient adds the binary_data_output request parameter.
+    plain = client.infer(MODEL_NAME, inputs)
+    assert plain.as_numpy("probability").ravel().tolist() == np.ravel(expected["probability"]).tolist()
+    log = mlserver["log"].read_text()
+    assert "binary_data_output" not in log and "Unrecognized params" not in log

@@ -1,0 +1,81 @@
+"""The capture spool on its own: encoding, rotation, the size limit, torn lines."""
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+
+from logging_sidecar.records import to_frame
+from logging_sidecar.spool import list_segments, read_chunk
+from model.schema import FEATURES
+from serving.capture import SpoolSettings, SpoolWriter, encode
+
+IDENTITY = {
+    "model_name": "credit-risk",
+    "registered_model": "credit-risk-model",
+    "model_version": "7",
+    "dataset_hash": "abc",
+}
+
+
+def request_line(request_id="r1", rows=2):
+    features = pd.DataFrame({name: np.arange(rows, dtype="float64") for name in FEATURES})
+    features.loc[0, "MonthlyIncome"] = np.nan
+    predictions = pd.DataFrame({"prediction": [0] * rows, "probability": np.linspace(0.1, 0.2, rows)})
+    return (
+        encode(request_id, 1_700_000_000_000_000_000, IDENTITY, features, predictions, 1.5),
+        features,
+        predictions,
+    )
+
+
+def settings(tmp_path, **overrides):
+    return SpoolSettings(**{"directory": tmp_path, **overrides})
+
+
+def test_a_request_round_trips_through_the_spool(tmp_path):
+    line, features, predictions = request_line()
+    assert json.loads(line)["features"]["MonthlyIncome"][0] is None  # JSON has no NaN
+    writer = SpoolWriter(settings(tmp_path))
+    assert writer.append(line, 2)
+    [segment] = list_segments(tmp_path)
+    chunk = read_chunk(tmp_path, segment.name, 0, 100)
+    frame = to_frame(chunk.requests)
+    assert frame["request_id"].tolist() == ["r1", "r1"] and frame["row_index"].tolist() == [0, 1]
+    assert frame["model_version"].tolist() == ["7", "7"]
+    pd.testing.assert_frame_equal(frame[list(FEATURES)], features, check_dtype=True)
+    assert frame["probability"].tolist() == predictions["probability"].tolist()
+    assert str(frame["timestamp"].dt.tz) == "UTC"
+
+
+def test_segments_rotate_by_size_and_are_sealed(tmp_path):
+    line, _, _ = request_line()
+    writer = SpoolWriter(settings(tmp_path, segment_max_bytes=len(line) * 3))
+    for _ in range(10):
+        writer.append(line, 2)
+    writer.close()
+    segments = list_segments(tmp_path)
+    assert len(segments) == 4 and all(s.sealed for s in segments)
+    assert sum(len(read_chunk(tmp_path, s.name, 0, 1000).requests) for s in segments) == 10
+
+
+def test_a_full_spool_drops_and_says_so(tmp_path, caplog):
+    line, _, _ = request_line()
+    writer = SpoolWriter(settings(tmp_path, max_bytes=len(line) * 2))
+    with caplog.at_level(logging.WARNING):
+        kept = [writer.append(line, 2) for _ in range(5)]
+    assert kept[:2] == [True, True] and not any(kept[2:])
+    assert writer.dropped == 6
+    assert "is full" in caplog.text
+
+
+def test_a_torn_last_line_is_left_alone(tmp_path):
+    line, _, _ = request_line()
+    writer = SpoolWriter(settings(tmp_path))
+    writer.append(line, 2)
+    [segment] = list_segments(tmp_path)
+    with open(segment.path, "ab") as stream:
+        stream.write(line[: len(line) // 2])  # a write cut by a crash
+    chunk = read_chunk(tmp_path, segment.name, 0, 100)
+    assert len(chunk.requests) == 1 and chunk.end == len(line)

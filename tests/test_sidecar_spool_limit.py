@@ -1,0 +1,53 @@
+"""The sidecar keeps the spool bounded while MLflow is unreachable: oldest segments first."""
+
+import logging
+
+import pandas as pd
+
+from logging_sidecar.service import Sidecar
+from logging_sidecar.settings import SidecarSettings
+from logging_sidecar.spool import list_segments
+from model.schema import FEATURES
+from serving.capture import SpoolSettings, SpoolWriter, encode
+from tests.helpers import free_port
+
+IDENTITY = {
+    "model_name": "credit-risk",
+    "registered_model": "credit-risk-model",
+    "model_version": "1",
+    "dataset_hash": "abc",
+}
+
+
+def test_oldest_segments_are_dropped_first_when_mlflow_is_unreachable(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    features = pd.DataFrame({name: [1.0] for name in FEATURES})
+    predictions = pd.DataFrame({"prediction": [0], "probability": [0.1]})
+    line = encode("r", 1_700_000_000_000_000_000, IDENTITY, features, predictions, 1.0)
+    writer = SpoolWriter(SpoolSettings(directory=tmp_path, segment_max_bytes=len(line) * 10))
+    for _ in range(100):  # ten sealed segments of ten requests
+        writer.append(line, 1)
+    writer.close()
+    oldest = [s.name for s in list_segments(tmp_path)]
+
+    settings = SidecarSettings(
+        spool=SpoolSettings(directory=tmp_path, max_bytes=len(line) * 50),
+        flush_records=1,
+        max_batch_records=5,
+        flush_interval_s=1,
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody there
+    sidecar = Sidecar(settings)
+    with caplog.at_level(logging.WARNING):
+        sidecar.step()
+
+    left = [s.name for s in list_segments(tmp_path)]
+    assert left == oldest[len(oldest) - len(left) :], "dropped segments must be the oldest"
+    assert sum(s.size for s in list_segments(tmp_path)) <= 0.9 * settings.spool.max_bytes
+    metric = sidecar.metrics.registry.get_sample_value
+    assert metric("credit_risk_sidecar_records_dropped_total") >= 50
+    assert metric("credit_risk_sidecar_spool_full") == 1
+    assert "dropped the oldest unshipped segment" in caplog.text
+    assert metric("credit_risk_sidecar_flush_failures_total") == 1  # retried later, not lost
+    assert sidecar.last_error is not None

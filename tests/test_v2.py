@@ -1,0 +1,86 @@
+import math
+
+import pytest
+from mlserver.types import InferenceRequest
+
+from model.schema import FEATURES
+from serving.v2 import InvalidRequest, request_frame, requested_outputs
+
+
+def payload(overrides=None, drop=(), extra=None):
+    inputs = {
+        name: {"name": name, "shape": [2], "datatype": "FP64", "data": [1.0, 2.0]}
+        for name in FEATURES
+        if name not in drop
+    }
+    for name, change in (overrides or {}).items():
+        inputs[name] = {**inputs[name], **change}
+    items = list(inputs.values()) + list(extra or [])
+    return InferenceRequest.model_validate({"inputs": items})
+
+
+def test_ints_floats_and_nulls_become_float64_nan():
+    frame = request_frame(
+        payload(
+            {
+                "age": {"datatype": "INT64", "data": [40, None]},
+                "DebtRatio": {"shape": [2, 1], "data": [[0.5], [1]]},
+            }
+        ),
+        FEATURES,
+    )
+    assert list(frame.columns) == list(FEATURES)
+    assert frame["age"].iloc[0] == 40.0 and math.isnan(frame["age"].iloc[1])
+    assert frame["DebtRatio"].tolist() == [0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (payload(drop=["age"]), "missing input(s) ['age']"),
+        (
+            payload(extra=[{"name": "Income", "shape": [2], "datatype": "FP64", "data": [1, 2]}]),
+            "unknown input(s) ['Income']",
+        ),
+        (
+            payload({"age": {"datatype": "BYTES", "data": ["40", "41"]}}),
+            "input 'age': datatype BYTES is not numeric",
+        ),
+        (payload({"age": {"data": ["forty", 41]}}), "input 'age': row 0 is a str ('forty')"),
+        (payload({"age": {"data": [True, 41]}}), "input 'age': row 0 is a boolean"),
+        (payload({"age": {"datatype": "BOOL", "data": [True, False]}}), "datatype BOOL is not numeric"),
+        (
+            payload({"age": {"shape": [2, 2], "data": [1, 2, 3, 4]}}),
+            "shape [2, 2] is not [rows] or [rows, 1]",
+        ),
+        (payload({"age": {"shape": [3], "data": [1, 2]}}), "announces 3 value(s), data has 2"),
+        (payload({"age": {"shape": [3], "data": [1, 2, 3]}}), "inputs have unequal lengths"),
+        (payload({"age": {"shape": [0], "data": []}}), "shape [0] is not [rows]"),
+    ],
+)
+def test_bad_requests_name_the_input_and_the_problem(request_, message):
+    with pytest.raises(InvalidRequest) as error:
+        request_frame(request_, FEATURES)
+    assert message in str(error.value)
+    assert error.value.status_code == 400
+
+
+def test_duplicated_inputs_are_refused():
+    request_ = payload(extra=[{"name": "age", "shape": [2], "datatype": "FP64", "data": [1, 2]}])
+    with pytest.raises(InvalidRequest, match=r"\['age'\] given more than once"):
+        request_frame(request_, FEATURES)
+
+
+def test_requested_outputs():
+    request_ = InferenceRequest.model_validate({"inputs": [], "outputs": [{"name": "probability"}]})
+    assert requested_outputs(request_, ["prediction", "probability"]) == ["probability"]
+    request_.outputs[0].name = "score"
+    with pytest.raises(InvalidRequest, match=r"unknown output\(s\) \['score'\]"):
+        requested_outputs(request_, ["prediction", "probability"])
+
+
+def test_invalid_request_survives_pickling_between_workers():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(InvalidRequest("input 'age': bad")))
+    assert error.status_code == 400 and str(error) == "input 'age': bad"

@@ -1,0 +1,2 @@
+"""Training: read and fingerprint the data, fit the pipeline, log the run to MLflow,
+register ``credit-risk-model`` and promote it to ``Production`` through a gate."""

@@ -1,0 +1,361 @@
+"""One training job, stage by stage: data → cross-validation → fit → evaluation → MLflow run →
+registry → gate → promotion. Each stage prints what it does and how long it took."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+import httpx
+import joblib
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from sklearn.base import clone
+from sklearn.inspection import permutation_importance
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+import model
+from model.pyfunc import (
+    DATASET_HASH_METADATA,
+    PIPELINE_ARTIFACT,
+    THRESHOLD_CONFIG,
+    CreditRiskModel,
+    model_signature,
+)
+from model.schema import TARGET
+from training import evaluation, registry
+from training.data import TrainingData, load_training_data
+from training.gate import GateDecision, decide
+from training.pipeline import build_pipeline
+from training.settings import TrainingSettings
+
+# Exact versions of what the model needs at load time, read from this (locked) environment.
+_MODEL_REQUIREMENTS = ("mlflow", "scikit-learn", "pandas", "numpy", "joblib", "cloudpickle")
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    run_id: str | None
+    run_url: str | None
+    model_version: str
+    stage: str
+    promoted: bool
+    reason: str
+    skipped: bool = False
+
+
+@contextmanager
+def _environment(**values: str):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def _quiet_mlflow():
+    """Silence MLflow's advice about choices made here on purpose (a pickled PythonModel, a
+    local file as dataset source, an int target column),
+    so that the progress lines stay readable (the run URL is in our summary). Anything else shows."""
+    mlflow_logger = logging.getLogger("mlflow.pyfunc")
+    level = mlflow_logger.level
+    with warnings.catch_warnings(), _environment(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"):
+        for message in ("The specified dataset source", "Hint: Inferred schema contains integer column"):
+            warnings.filterwarnings("ignore", message=f".*{re.escape(message)}")
+        mlflow_logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            mlflow_logger.setLevel(level)
+
+
+@contextmanager
+def stage(description: str):
+    print(f"→ {description} ...", flush=True)
+    started = time.perf_counter()
+    yield
+    print(f"  done in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def _run_url(run, ui_url: str | None) -> str | None:
+    base = (ui_url or mlflow.get_tracking_uri()).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        return None
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def _cross_validate(pipeline, features, target, folds: int, seed: int):
+    """Out-of-fold probabilities on the training split and the ROC AUC of each fold."""
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    out_of_fold = np.empty(len(target))
+    fold_scores = []
+    for train_index, valid_index in splitter.split(features, target):
+        fitted = clone(pipeline).fit(features.iloc[train_index], target.iloc[train_index])
+        out_of_fold[valid_index] = fitted.predict_proba(features.iloc[valid_index])[:, 1]
+        fold_scores.append(roc_auc_score(target.iloc[valid_index], out_of_fold[valid_index]))
+    return out_of_fold, fold_scores
+
+
+def _log_dataset(data: TrainingData) -> None:
+    fingerprint = data.fingerprint
+    mlflow.log_params(
+        {
+            "dataset_hash": fingerprint.sha256,
+            "dataset_rows": fingerprint.rows,
+            "dataset_columns": fingerprint.columns,
+            "dataset_path": str(data.path),
+        }
+    )
+    mlflow.set_tag(registry.DATASET_HASH_TAG, fingerprint.sha256)
+    frame = data.features.assign(**{TARGET: data.target})
+    # MLflow's dataset table keeps at most 36 characters of digest; the full hash is the tag.
+    dataset = mlflow.data.from_pandas(
+        frame,
+        source=str(data.path.resolve()),
+        targets=TARGET,
+        name=data.path.name,
+        digest=fingerprint.sha256[:32],
+    )
+    mlflow.log_input(dataset, context="training")
+
+
+def _log_figures(y_test, probability, importance: pd.DataFrame) -> None:
+    figures = evaluation.evaluation_figures(y_test, probability)
+    figures["feature_importance.png"] = evaluation.importance_figure(importance)
+    for file_name, figure in figures.items():
+        mlflow.log_figure(figure, f"plots/{file_name}")
+        plt.close(figure)
+    mlflow.log_dict(importance.to_dict(orient="records"), "feature_importance.json")
+
+
+def _log_reference_sample(features: pd.DataFrame, target: pd.Series, rows: int, seed: int):
+    """A sample of training rows, kept with the run, that drift checks compare traffic to."""
+    sample = features.assign(**{TARGET: target})
+    if len(sample) > rows:
+        sample = sample.sample(n=rows, random_state=seed)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "training_sample.parquet"
+        sample.to_parquet(path)
+        mlflow.log_artifact(str(path), "reference")
+
+
+def _log_model(pipeline, threshold: float, data: TrainingData, example: pd.DataFrame):
+    with tempfile.TemporaryDirectory() as directory:
+        pipeline_path = Path(directory) / "pipeline.joblib"
+        joblib.dump(pipeline, pipeline_path)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=CreditRiskModel(),
+            artifacts={PIPELINE_ARTIFACT: str(pipeline_path)},
+            model_config={THRESHOLD_CONFIG: threshold},
+            code_paths=[str(Path(model.__file__).parent)],
+            signature=model_signature(),
+            input_example=example,
+            metadata={DATASET_HASH_METADATA: data.fingerprint.sha256},
+            pip_requirements=[f"{name}=={installed_version(name)}" for name in _MODEL_REQUIREMENTS],
+        )
+
+
+def _score_production(client: MlflowClient, features, target) -> tuple[float | None, str | None]:
+    current = registry.production_version(client)
+    if current is None:
+        return None, None
+    production = mlflow.pyfunc.load_model(f"models:/{registry.REGISTERED_MODEL_NAME}/{current.version}")
+    probability = production.predict(features)["probability"].to_numpy()
+    return float(roc_auc_score(target, probability)), current.version
+
+
+def _already_registered(client: MlflowClient, data: TrainingData, settings) -> TrainingResult | None:
+    existing = registry.versions_trained_on(client, data.fingerprint.sha256, settings.config_hash())
+    if not existing:
+        return None
+    newest = max(existing, key=lambda v: int(v.version))
+    reason = (
+        f"version {newest.version} was already trained on these exact bytes with this "
+        "configuration; nothing to do (pass --retrain to train again)"
+    )
+    return TrainingResult(None, None, newest.version, newest.current_stage, False, reason, skipped=True)
+
+
+def check_tracking_server(wait_s: float = 0) -> None:
+    """Wait up to ``wait_s`` for the tracking server, then fail with a clear message (MLflow's
+    client would retry for minutes before saying anything)."""
+    uri = mlflow.get_tracking_uri().rstrip("/")
+    if not uri.startswith(("http://", "https://")):
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            httpx.get(f"{uri}/health", timeout=10).raise_for_status()
+            return
+        except httpx.HTTPError as error:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"MLflow tracking server at {uri} is not reachable ({error}); start it or set "
+                    "MLFLOW_TRACKING_URI"
+                ) from error
+            time.sleep(1)
+
+
+def train(settings: TrainingSettings) -> TrainingResult:
+    with _quiet_mlflow():
+        return _train(settings)
+
+
+def _train(settings: TrainingSettings) -> TrainingResult:
+    check_tracking_server(settings.mlflow_wait_s)
+    client = MlflowClient()
+    with stage(f"Reading and checking {settings.data}"):
+        data = load_training_data(settings.data)
+    fingerprint = data.fingerprint
+    print(f"  {fingerprint.rows} rows, {fingerprint.columns} columns, sha256 {fingerprint.sha256}")
+    if not settings.retrain and (skipped := _already_registered(client, data, settings)):
+        return skipped
+
+    with stage(
+        f"Splitting {1 - settings.test_size:.0%}/{settings.test_size:.0%}, stratified, seed {settings.seed}"
+    ):
+        x_train, x_test, y_train, y_test = train_test_split(
+            data.features,
+            data.target,
+            test_size=settings.test_size,
+            stratify=data.target,
+            random_state=settings.seed,
+        )
+    pipeline = build_pipeline(settings.classifier, settings.seed)
+    mlflow.set_experiment(settings.experiment)
+    with mlflow.start_run(run_name=f"train-{fingerprint.sha256[:8]}") as run:
+        _log_dataset(data)
+        mlflow.set_tag(registry.TRAINING_CONFIG_TAG, settings.config_hash())
+        mlflow.log_params(
+            {
+                "seed": settings.seed,
+                "test_size": settings.test_size,
+                "cv_folds": settings.cv_folds,
+                "train_rows": len(y_train),
+                "test_rows": len(y_test),
+                **{f"classifier.{k}": v for k, v in settings.classifier.items()},
+            }
+        )
+
+        with stage(f"Cross-validating on the training split ({settings.cv_folds} folds)"):
+            out_of_fold, fold_scores = _cross_validate(
+                pipeline, x_train, y_train, settings.cv_folds, settings.seed
+            )
+            threshold = evaluation.f1_optimal_threshold(y_train.to_numpy(), out_of_fold)
+        mlflow.log_metrics(
+            {
+                "cv_roc_auc_mean": float(np.mean(fold_scores)),
+                "cv_roc_auc_std": float(np.std(fold_scores)),
+                "threshold": threshold,
+            }
+        )
+        print(
+            f"  CV ROC AUC {np.mean(fold_scores):.4f} ± {np.std(fold_scores):.4f}; "
+            f"threshold {threshold:.4f} (best F1 out of fold)"
+        )
+
+        with stage(f"Fitting on {len(y_train)} rows"):
+            pipeline.fit(x_train, y_train)
+
+        with stage(f"Evaluating on {len(y_test)} held-out rows"):
+            probability = pipeline.predict_proba(x_test)[:, 1]
+            metrics = evaluation.classification_metrics(y_test.to_numpy(), probability, threshold)
+            mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
+            result = permutation_importance(
+                pipeline,
+                x_test,
+                y_test,
+                scoring="roc_auc",
+                n_repeats=5,
+                random_state=settings.seed,
+            )
+            importance = pd.DataFrame(
+                {
+                    "feature": list(x_test.columns),
+                    "importance_mean": result.importances_mean,
+                    "importance_std": result.importances_std,
+                }
+            ).sort_values("importance_mean", ascending=False)
+            _log_figures(y_test.to_numpy(), probability, importance)
+            _log_reference_sample(x_train, y_train, settings.reference_rows, settings.seed)
+        print(
+            f"  test ROC AUC {metrics['roc_auc']:.4f}, PR AUC {metrics['pr_auc']:.4f}, "
+            f"KS {metrics['ks']:.4f}, F1 {metrics['f1']:.4f}"
+        )
+
+        with stage("Logging the model"):
+            model_info = _log_model(pipeline, threshold, data, x_train.head(5))
+
+    with stage(f"Registering as {registry.REGISTERED_MODEL_NAME}"):
+        version = registry.register(
+            client,
+            model_info,
+            run.info.run_id,
+            tags={
+                registry.DATASET_HASH_TAG: fingerprint.sha256,
+                registry.TRAINING_CONFIG_TAG: settings.config_hash(),
+                "test_roc_auc": f"{metrics['roc_auc']:.6f}",
+            },
+            description=f"Trained on {data.path.name} (sha256 {fingerprint.sha256}), "
+            f"test ROC AUC {metrics['roc_auc']:.4f}",
+        )
+
+    with stage("Gate: comparing with the Production model on the same held-out rows"):
+        production_score, production_version = _score_production(client, x_test, y_test)
+        decision: GateDecision = decide(
+            metrics["roc_auc"],
+            production_score,
+            production_version,
+            tolerance=settings.gate_tolerance,
+            force=settings.force_promote,
+        )
+        registry.tag_version(client, version.version, decision.as_tags())
+        for key, value in decision.as_tags().items():
+            client.set_tag(run.info.run_id, key, value)
+        if decision.promote:
+            registry.promote(client, version.version)
+    print(f"  {'promoted' if decision.promote else 'NOT promoted'}: {decision.reason}")
+
+    stage_name = registry.PRODUCTION_STAGE if decision.promote else version.current_stage
+    return TrainingResult(
+        run.info.run_id,
+        _run_url(run, settings.ui_url),
+        version.version,
+        stage_name,
+        decision.promote,
+        decision.reason,
+    )
+
+
+def summary(result: TrainingResult) -> str:
+    lines = [
+        f"model:   {registry.REGISTERED_MODEL_NAME} version {result.model_version} (stage {result.stage})"
+    ]
+    if result.run_url:
+        lines.insert(0, f"run:     {result.run_url}")
+    lines.append(f"outcome: {result.reason}")
+    return "\n".join(lines)
+
+
+def result_json(result: TrainingResult) -> str:
+    return json.dumps(result.__dict__)
