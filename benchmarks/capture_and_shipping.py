@@ -5,7 +5,7 @@ processes on free ports:
 
 1. single-row latency (p50/p99, sequential requests) and throughput at 16 concurrent clients,
    with capture off and on (on = spool writes plus the sidecar running beside MLServer),
-   alternating off/on/off/on so that drift on the machine does not favour one side;
+   alternating off/on rounds so that drift on the machine does not favour one side;
 2. the sidecar's sustained shipping rate into MLflow from a pre-filled spool.
 
     .venv/bin/python benchmarks/capture_and_shipping.py [--requests 2000] [--seconds 15]
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -37,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from model.schema import FEATURES  # noqa: E402
 from serving.capture import SpoolSettings, SpoolWriter, encode  # noqa: E402
 from serving.settings import MODEL_NAME  # noqa: E402
-from stack import mlflow_server, processes  # noqa: E402
+from stack import processes, services  # noqa: E402
 from training.data import BUNDLED_SAMPLE, load_training_data  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -108,39 +107,28 @@ def stop(process):
     process.wait(timeout=30)
 
 
-def serving(tracking_uri, root, spool: Path | None):
-    http, grpc, metrics = (processes.free_port() for _ in range(3))
-    env = {"MLFLOW_TRACKING_URI": tracking_uri}
-    if spool is not None:
-        env["CREDIT_RISK_SPOOL_DIR"] = str(spool)
-    command = [
-        str(BIN / "credit-risk"),
-        "serve",
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(grpc),
-        "--metrics-port",
-        str(metrics),
-    ]
-    service = processes.Service(f"serving-{http}", command, f"http://127.0.0.1:{http}/v2/health/ready", env)
-    return service, f"http://127.0.0.1:{http}/v2/models/{MODEL_NAME}/infer"
+def serving(tracking_uri, spool: Path | None):
+    http = processes.free_port()
+    env = {} if spool is None else {"CREDIT_RISK_SPOOL_DIR": str(spool)}
+    service = services.serving(
+        tracking_uri,
+        http,
+        grpc_port=processes.free_port(),
+        metrics_port=processes.free_port(),
+        name=f"serving-{http}",
+        **env,
+    )
+    return service, f"http://{services.LOOPBACK}:{http}/v2/models/{MODEL_NAME}/infer"
 
 
-def sidecar(tracking_uri, spool: Path, **env):
+def sidecar(tracking_uri, spool: Path):
     port = processes.free_port()
-    command = [str(BIN / "credit-risk"), "sidecar", "--spool-dir", str(spool), "--port", str(port)]
-    return processes.Service(
-        f"sidecar-{port}",
-        command,
-        f"http://127.0.0.1:{port}/health",
-        {"MLFLOW_TRACKING_URI": tracking_uri, **env},
-    ), port
+    return services.sidecar(tracking_uri, spool, port, name=f"sidecar-{port}"), port
 
 
 def measure_serving(tracking_uri, root, capture: bool, bodies, seconds) -> dict:
     spool = root / f"spool-{time.time_ns()}" if capture else None
-    service, url = serving(tracking_uri, root, spool)
+    service, url = serving(tracking_uri, spool)
     server = start(service, root)
     helper = None
     if capture:
@@ -173,10 +161,11 @@ def measure_shipping(tracking_uri, root, records: int) -> dict:
         "model_version": "1",
         "dataset_hash": "benchmark",
     }
+    values = features.to_numpy()
+    outputs = {"prediction": np.array([0]), "probability": np.array([0.05])}
     for i in range(records):  # single-row requests: the most lines per record, the worst case
-        row = features.iloc[[i % len(features)]]
-        predictions = pd.DataFrame({"prediction": [0], "probability": [0.05]})
-        writer.append(encode(f"bench-{i}", time.time_ns(), identity, row, predictions, 1.0), 1)
+        row = values[[i % len(values)]]
+        writer.append(encode(f"bench-{i}", time.time_ns(), identity, list(FEATURES), row, outputs, 1.0), 1)
     writer.close()
     service, port = sidecar(tracking_uri, spool)
     started = time.perf_counter()
@@ -197,13 +186,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="sequential single-row requests per round")
     parser.add_argument("--seconds", type=float, default=15, help="duration of the 16-client load per round")
+    parser.add_argument("--rounds", type=int, default=3, help="off/on pairs, alternated")
     parser.add_argument("--ship-records", type=int, default=100_000)
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="credit-risk-bench-"))
     mlflow_port = processes.free_port()
-    tracking_uri = mlflow_server.tracking_uri(mlflow_server.DEFAULT_HOST, mlflow_port)
-    mlflow = start(mlflow_server.service(root / "mlflow", port=mlflow_port), root, timeout=120)
+    tracking_uri = services.tracking_uri(mlflow_port)
+    mlflow = start(services.mlflow(root / "mlflow", port=mlflow_port), root, timeout=120)
     try:
         subprocess.run(
             [str(BIN / "credit-risk"), "train", "--data", str(BUNDLED_SAMPLE)],
@@ -213,7 +203,7 @@ def main() -> None:
         )
         bodies = single_row_bodies(args.requests)
         rounds = {"off": [], "on": []}
-        for capture in ("off", "on", "off", "on"):
+        for capture in ("off", "on") * args.rounds:
             rounds[capture].append(measure_serving(tracking_uri, root, capture == "on", bodies, args.seconds))
         shipping = measure_shipping(tracking_uri, root, args.ship_records)
     finally:

@@ -51,6 +51,8 @@ HEAVY_TAILED: tuple[str, ...] = (
 # Every feature is a non-negative number or missing; nothing else is a valid input.
 MIN_VALUE = 0.0
 
+_IS_COUNT = np.array([name in COUNTS for name in FEATURES])
+
 OUTPUT_PREDICTION = "prediction"
 OUTPUT_PROBABILITY = "probability"
 
@@ -83,31 +85,33 @@ def validate_features(frame: pd.DataFrame) -> pd.DataFrame:
     if unknown:
         raise InvalidFeatures(unknown[0], f"unknown column (expected only {list(FEATURES)})")
 
-    columns = {}
-    for name in FEATURES:
-        column = frame[name]
-        if pd.api.types.is_bool_dtype(column):
-            raise InvalidFeatures(name, "must be a number, got booleans")
-        numeric = pd.to_numeric(column, errors="coerce")
-        not_numeric = (numeric.isna() & column.notna()).to_numpy()
-        if not_numeric.any():
-            example = column[not_numeric].iloc[0]
-            example = example.item() if hasattr(example, "item") else example
+    values = np.column_stack([_as_float(frame[name], name, frame.index) for name in FEATURES])
+    present = ~np.isnan(values)
+    checks = [
+        (np.isinf(values), "must be finite"),
+        (present & (values < MIN_VALUE), f"must be >= {MIN_VALUE:g}"),
+        (present & _IS_COUNT & (values != np.floor(values)), "must be a whole number"),
+    ]
+    for mask, problem in checks:
+        if mask.any():
+            column = int(np.nonzero(mask.any(axis=0))[0][0])  # the first column, in FEATURES order
+            bad = mask[:, column]
             raise InvalidFeatures(
-                name, f"must be a number, got {example!r} at row {_rows(not_numeric, frame.index)}"
+                FEATURES[column],
+                f"{problem}, got {values[bad, column][0]:g} at row {_rows(bad, frame.index)}",
             )
-        values = numeric.to_numpy(dtype="float64", na_value=np.nan)
-        present = ~np.isnan(values)
-        checks = (
-            (np.isinf(values), "must be finite"),
-            (present & (values < MIN_VALUE), f"must be >= {MIN_VALUE:g}"),
-        )
-        if name in COUNTS:
-            checks += ((present & (values != np.floor(values)), "must be a whole number"),)
-        for mask, problem in checks:
-            if mask.any():
-                raise InvalidFeatures(
-                    name, f"{problem}, got {values[mask][0]:g} at row {_rows(mask, frame.index)}"
-                )
-        columns[name] = values
-    return pd.DataFrame(columns, index=frame.index)
+    return pd.DataFrame(values, columns=list(FEATURES), index=frame.index)
+
+
+def _as_float(column: pd.Series, name: str, index: pd.Index) -> np.ndarray:
+    if pd.api.types.is_bool_dtype(column):
+        raise InvalidFeatures(name, "must be a number, got booleans")
+    if pd.api.types.is_numeric_dtype(column):  # the common case, and the fast one
+        return column.to_numpy(dtype="float64", na_value=np.nan)
+    numeric = pd.to_numeric(column, errors="coerce")
+    not_numeric = (numeric.isna() & column.notna()).to_numpy()
+    if not_numeric.any():
+        example = column[not_numeric].iloc[0]
+        example = example.item() if hasattr(example, "item") else example
+        raise InvalidFeatures(name, f"must be a number, got {example!r} at row {_rows(not_numeric, index)}")
+    return numeric.to_numpy(dtype="float64", na_value=np.nan)

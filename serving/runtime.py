@@ -104,8 +104,9 @@ class CreditRiskRuntime(MLflowRuntime):
                 request_id,
                 started_ns,
                 self._capture_identity,
-                features,
-                predictions,
+                self._input_names,
+                features.to_numpy(),
+                {name: predictions[name].to_numpy() for name in self._output_names},
                 latency_ms=seconds * 1000,
             )
             kept = self._spool.append(line, rows)

@@ -18,13 +18,12 @@ from logging_sidecar import settings as sidecar_settings
 from logging_sidecar.cli import add_parser as add_sidecar_parser
 from serving.cli import add_parser as add_serve_parser
 from serving.settings import MODEL_NAME, SERVING_DIR
-from stack import mlflow_server, processes
+from stack import processes, services
 from training.cli import add_parser as add_train_parser
 
 DEFAULT_STATE_DIR = Path(os.environ.get("CREDIT_RISK_HOME", ".credit-risk"))
 SERVING_HTTP_PORT = 8080
 EXAMPLE_REQUEST = SERVING_DIR / "example-request.json"
-_COMMAND = str(Path(sys.executable).with_name("credit-risk"))
 
 
 class LocalStack:
@@ -32,25 +31,12 @@ class LocalStack:
 
     def __init__(self, args):
         self.state_dir: Path = args.state_dir.resolve()
-        self.tracking_uri = mlflow_server.tracking_uri(mlflow_server.DEFAULT_HOST, args.mlflow_port)
-        self.infer_url = f"http://127.0.0.1:{args.http_port}/v2/models/{MODEL_NAME}/infer"
-        client_env = {
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
-            "CREDIT_RISK_SPOOL_DIR": str(self.state_dir / "spool"),
-        }
-        self.mlflow = mlflow_server.service(self.state_dir / "mlflow", port=args.mlflow_port)
-        self.serving = processes.Service(
-            "serving",
-            [_COMMAND, "serve", "--http-port", str(args.http_port)],
-            f"http://127.0.0.1:{args.http_port}/v2/health/ready",
-            client_env,
-        )
-        self.sidecar = processes.Service(
-            "sidecar",
-            [_COMMAND, "sidecar", "--port", str(args.sidecar_port)],
-            f"http://127.0.0.1:{args.sidecar_port}/health",
-            client_env,
-        )
+        self.tracking_uri = services.tracking_uri(args.mlflow_port)
+        self.infer_url = f"http://{services.LOOPBACK}:{args.http_port}/v2/models/{MODEL_NAME}/infer"
+        spool = self.state_dir / "spool"
+        self.mlflow = services.mlflow(self.state_dir / "mlflow", port=args.mlflow_port)
+        self.serving = services.serving(self.tracking_uri, args.http_port, CREDIT_RISK_SPOOL_DIR=str(spool))
+        self.sidecar = services.sidecar(self.tracking_uri, spool, args.sidecar_port)
 
     def ensure_running(self, service: processes.Service, timeout: float) -> str:
         if processes.running_pid(service, self.state_dir) and processes.is_healthy(service.health_url):
@@ -96,7 +82,7 @@ def up(args) -> int:
         f"V2 endpoint:  {stack.infer_url}\n"
         f"Try it:       curl -s -H 'Content-Type: application/json' -d @{EXAMPLE_REQUEST} {stack.infer_url}\n"
         f"Logs:         {stack.state_dir / 'logs'}\n"
-        f"Stop:         {_COMMAND} down"
+        f"Stop:         {Path(sys.executable).with_name('credit-risk')} down"
     )
     return 0
 
@@ -122,7 +108,7 @@ def _add_stack_parsers(subparsers) -> None:
             help="where the stack keeps its database, artifacts, logs and pids "
             "($CREDIT_RISK_HOME, default ./.credit-risk)",
         )
-        parser.add_argument("--mlflow-port", type=int, default=mlflow_server.DEFAULT_PORT)
+        parser.add_argument("--mlflow-port", type=int, default=services.MLFLOW_PORT)
         parser.add_argument("--http-port", type=int, default=SERVING_HTTP_PORT)
         parser.add_argument("--sidecar-port", type=int, default=sidecar_settings.DEFAULT_PORT)
         if name == "up":

@@ -8,7 +8,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from stack import mlflow_server, processes
+from stack import processes, services
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -37,9 +37,8 @@ def running(service: processes.Service, state_dir: Path, timeout: float = 180):
 @contextmanager
 def mlflow_tracking_server(state_dir: Path):
     port = free_port()
-    service = mlflow_server.service(state_dir / "mlflow", port=port)
-    with running(service, state_dir, timeout=120):
-        yield mlflow_server.tracking_uri(mlflow_server.DEFAULT_HOST, port)
+    with running(services.mlflow(state_dir / "mlflow", port=port), state_dir, timeout=120):
+        yield services.tracking_uri(port)
 
 
 def credit_risk(*args: str, tracking_uri: str, timeout: float = 900, **env) -> subprocess.CompletedProcess:
@@ -55,23 +54,15 @@ def credit_risk(*args: str, tracking_uri: str, timeout: float = 900, **env) -> s
 
 
 def serving_service(tracking_uri: str, name: str = "serving", workers: int = 1, **env):
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    command = [
-        str(BIN / "credit-risk"),
-        "serve",
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(grpc),
-        "--metrics-port",
-        str(metrics),
-        "--workers",
-        str(workers),
-    ]
-    service = processes.Service(
-        name,
-        command,
-        f"http://127.0.0.1:{http}/v2/health/ready",
-        {"MLFLOW_TRACKING_URI": tracking_uri, **env},
+    """MLServer on three free ports."""
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    service = services.serving(
+        tracking_uri,
+        ports["http"],
+        grpc_port=ports["grpc"],
+        metrics_port=ports["metrics"],
+        workers=workers,
+        name=name,
+        **env,
     )
-    return service, {"http": http, "grpc": grpc, "metrics": metrics}
+    return service, ports

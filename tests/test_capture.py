@@ -24,7 +24,15 @@ def request_line(request_id="r1", rows=2):
     features.loc[0, "MonthlyIncome"] = np.nan
     predictions = pd.DataFrame({"prediction": [0] * rows, "probability": np.linspace(0.1, 0.2, rows)})
     return (
-        encode(request_id, 1_700_000_000_000_000_000, IDENTITY, features, predictions, 1.5),
+        encode(
+            request_id,
+            1_700_000_000_000_000_000,
+            IDENTITY,
+            list(FEATURES),
+            features.to_numpy(),
+            {name: predictions[name].to_numpy() for name in predictions.columns},
+            1.5,
+        ),
         features,
         predictions,
     )

@@ -2,7 +2,7 @@
 
 import logging
 
-import pandas as pd
+import numpy as np
 
 from logging_sidecar.service import Sidecar
 from logging_sidecar.settings import SidecarSettings
@@ -22,9 +22,10 @@ IDENTITY = {
 def test_oldest_segments_are_dropped_first_when_mlflow_is_unreachable(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    features = pd.DataFrame({name: [1.0] for name in FEATURES})
-    predictions = pd.DataFrame({"prediction": [0], "probability": [0.1]})
-    line = encode("r", 1_700_000_000_000_000_000, IDENTITY, features, predictions, 1.0)
+    outputs = {"prediction": np.array([0]), "probability": np.array([0.1])}
+    line = encode(
+        "r", 1_700_000_000_000_000_000, IDENTITY, list(FEATURES), np.ones((1, len(FEATURES))), outputs, 1.0
+    )
     writer = SpoolWriter(SpoolSettings(directory=tmp_path, segment_max_bytes=len(line) * 10))
     for _ in range(100):  # ten sealed segments of ten requests
         writer.append(line, 1)

@@ -3,7 +3,6 @@ registry → gate → promotion. Each stage prints what it does and how long it 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import joblib
@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from sklearn.base import clone
 from sklearn.inspection import permutation_importance
@@ -221,6 +222,115 @@ def train(settings: TrainingSettings) -> TrainingResult:
         return _train(settings)
 
 
+class Split(NamedTuple):
+    x_train: pd.DataFrame
+    x_test: pd.DataFrame
+    y_train: pd.Series
+    y_test: pd.Series
+
+
+def _split(data: TrainingData, settings: TrainingSettings) -> Split:
+    with stage(
+        f"Splitting {1 - settings.test_size:.0%}/{settings.test_size:.0%}, stratified, seed {settings.seed}"
+    ):
+        return Split(
+            *train_test_split(
+                data.features,
+                data.target,
+                test_size=settings.test_size,
+                stratify=data.target,
+                random_state=settings.seed,
+            )
+        )
+
+
+def _log_settings(settings: TrainingSettings, split: Split) -> None:
+    mlflow.set_tag(registry.TRAINING_CONFIG_TAG, settings.config_hash())
+    mlflow.log_params(
+        {
+            "seed": settings.seed,
+            "test_size": settings.test_size,
+            "cv_folds": settings.cv_folds,
+            "train_rows": len(split.y_train),
+            "test_rows": len(split.y_test),
+            **{f"classifier.{k}": v for k, v in settings.classifier.items()},
+        }
+    )
+
+
+def _choose_threshold(pipeline, split: Split, settings: TrainingSettings) -> float:
+    """Cross-validate on the training split; the threshold is the out-of-fold best F1."""
+    with stage(f"Cross-validating on the training split ({settings.cv_folds} folds)"):
+        out_of_fold, fold_scores = _cross_validate(
+            pipeline, split.x_train, split.y_train, settings.cv_folds, settings.seed
+        )
+        threshold = evaluation.f1_optimal_threshold(split.y_train.to_numpy(), out_of_fold)
+    mean, std = float(np.mean(fold_scores)), float(np.std(fold_scores))
+    mlflow.log_metrics({"cv_roc_auc_mean": mean, "cv_roc_auc_std": std, "threshold": threshold})
+    print(f"  CV ROC AUC {mean:.4f} ± {std:.4f}; threshold {threshold:.4f} (best F1 out of fold)")
+    return threshold
+
+
+def _evaluate(pipeline, split: Split, threshold: float, settings: TrainingSettings) -> dict[str, float]:
+    """Held-out metrics, plots, feature importance and the drift reference, all logged."""
+    with stage(f"Evaluating on {len(split.y_test)} held-out rows"):
+        probability = pipeline.predict_proba(split.x_test)[:, 1]
+        metrics = evaluation.classification_metrics(split.y_test.to_numpy(), probability, threshold)
+        mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
+        result = permutation_importance(
+            pipeline, split.x_test, split.y_test, scoring="roc_auc", n_repeats=5, random_state=settings.seed
+        )
+        importance = pd.DataFrame(
+            {
+                "feature": list(split.x_test.columns),
+                "importance_mean": result.importances_mean,
+                "importance_std": result.importances_std,
+            }
+        ).sort_values("importance_mean", ascending=False)
+        _log_figures(split.y_test.to_numpy(), probability, importance)
+        _log_reference_sample(split.x_train, split.y_train, settings.reference_rows, settings.seed)
+    print(
+        f"  test ROC AUC {metrics['roc_auc']:.4f}, PR AUC {metrics['pr_auc']:.4f}, "
+        f"KS {metrics['ks']:.4f}, F1 {metrics['f1']:.4f}"
+    )
+    return metrics
+
+
+def _register(client, model_info, run_id: str, data: TrainingData, settings, metrics) -> ModelVersion:
+    with stage(f"Registering as {registry.REGISTERED_MODEL_NAME}"):
+        return registry.register(
+            client,
+            model_info,
+            run_id,
+            tags={
+                registry.DATASET_HASH_TAG: data.fingerprint.sha256,
+                registry.TRAINING_CONFIG_TAG: settings.config_hash(),
+                "test_roc_auc": f"{metrics['roc_auc']:.6f}",
+            },
+            description=f"Trained on {data.path.name} (sha256 {data.fingerprint.sha256}), "
+            f"test ROC AUC {metrics['roc_auc']:.4f}",
+        )
+
+
+def _gate(client, version: ModelVersion, run_id: str, split: Split, score: float, settings) -> GateDecision:
+    with stage("Gate: comparing with the Production model on the same held-out rows"):
+        production_score, production_version = _score_production(client, split.x_test, split.y_test)
+        decision = decide(
+            score,
+            production_score,
+            production_version,
+            tolerance=settings.gate_tolerance,
+            force=settings.force_promote,
+        )
+        registry.tag_version(client, version.version, decision.as_tags())
+        for key, value in decision.as_tags().items():
+            client.set_tag(run_id, key, value)
+        if decision.promote:
+            registry.promote(client, version.version)
+    print(f"  {'promoted' if decision.promote else 'NOT promoted'}: {decision.reason}")
+    return decision
+
+
 def _train(settings: TrainingSettings) -> TrainingResult:
     check_tracking_server(settings.mlflow_wait_s)
     client = MlflowClient()
@@ -231,119 +341,25 @@ def _train(settings: TrainingSettings) -> TrainingResult:
     if not settings.retrain and (skipped := _already_registered(client, data, settings)):
         return skipped
 
-    with stage(
-        f"Splitting {1 - settings.test_size:.0%}/{settings.test_size:.0%}, stratified, seed {settings.seed}"
-    ):
-        x_train, x_test, y_train, y_test = train_test_split(
-            data.features,
-            data.target,
-            test_size=settings.test_size,
-            stratify=data.target,
-            random_state=settings.seed,
-        )
+    split = _split(data, settings)
     pipeline = build_pipeline(settings.classifier, settings.seed)
     mlflow.set_experiment(settings.experiment)
     with mlflow.start_run(run_name=f"train-{fingerprint.sha256[:8]}") as run:
         _log_dataset(data)
-        mlflow.set_tag(registry.TRAINING_CONFIG_TAG, settings.config_hash())
-        mlflow.log_params(
-            {
-                "seed": settings.seed,
-                "test_size": settings.test_size,
-                "cv_folds": settings.cv_folds,
-                "train_rows": len(y_train),
-                "test_rows": len(y_test),
-                **{f"classifier.{k}": v for k, v in settings.classifier.items()},
-            }
-        )
-
-        with stage(f"Cross-validating on the training split ({settings.cv_folds} folds)"):
-            out_of_fold, fold_scores = _cross_validate(
-                pipeline, x_train, y_train, settings.cv_folds, settings.seed
-            )
-            threshold = evaluation.f1_optimal_threshold(y_train.to_numpy(), out_of_fold)
-        mlflow.log_metrics(
-            {
-                "cv_roc_auc_mean": float(np.mean(fold_scores)),
-                "cv_roc_auc_std": float(np.std(fold_scores)),
-                "threshold": threshold,
-            }
-        )
-        print(
-            f"  CV ROC AUC {np.mean(fold_scores):.4f} ± {np.std(fold_scores):.4f}; "
-            f"threshold {threshold:.4f} (best F1 out of fold)"
-        )
-
-        with stage(f"Fitting on {len(y_train)} rows"):
-            pipeline.fit(x_train, y_train)
-
-        with stage(f"Evaluating on {len(y_test)} held-out rows"):
-            probability = pipeline.predict_proba(x_test)[:, 1]
-            metrics = evaluation.classification_metrics(y_test.to_numpy(), probability, threshold)
-            mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
-            result = permutation_importance(
-                pipeline,
-                x_test,
-                y_test,
-                scoring="roc_auc",
-                n_repeats=5,
-                random_state=settings.seed,
-            )
-            importance = pd.DataFrame(
-                {
-                    "feature": list(x_test.columns),
-                    "importance_mean": result.importances_mean,
-                    "importance_std": result.importances_std,
-                }
-            ).sort_values("importance_mean", ascending=False)
-            _log_figures(y_test.to_numpy(), probability, importance)
-            _log_reference_sample(x_train, y_train, settings.reference_rows, settings.seed)
-        print(
-            f"  test ROC AUC {metrics['roc_auc']:.4f}, PR AUC {metrics['pr_auc']:.4f}, "
-            f"KS {metrics['ks']:.4f}, F1 {metrics['f1']:.4f}"
-        )
-
+        _log_settings(settings, split)
+        threshold = _choose_threshold(pipeline, split, settings)
+        with stage(f"Fitting on {len(split.y_train)} rows"):
+            pipeline.fit(split.x_train, split.y_train)
+        metrics = _evaluate(pipeline, split, threshold, settings)
         with stage("Logging the model"):
-            model_info = _log_model(pipeline, threshold, data, x_train.head(5))
+            model_info = _log_model(pipeline, threshold, data, split.x_train.head(5))
 
-    with stage(f"Registering as {registry.REGISTERED_MODEL_NAME}"):
-        version = registry.register(
-            client,
-            model_info,
-            run.info.run_id,
-            tags={
-                registry.DATASET_HASH_TAG: fingerprint.sha256,
-                registry.TRAINING_CONFIG_TAG: settings.config_hash(),
-                "test_roc_auc": f"{metrics['roc_auc']:.6f}",
-            },
-            description=f"Trained on {data.path.name} (sha256 {fingerprint.sha256}), "
-            f"test ROC AUC {metrics['roc_auc']:.4f}",
-        )
-
-    with stage("Gate: comparing with the Production model on the same held-out rows"):
-        production_score, production_version = _score_production(client, x_test, y_test)
-        decision: GateDecision = decide(
-            metrics["roc_auc"],
-            production_score,
-            production_version,
-            tolerance=settings.gate_tolerance,
-            force=settings.force_promote,
-        )
-        registry.tag_version(client, version.version, decision.as_tags())
-        for key, value in decision.as_tags().items():
-            client.set_tag(run.info.run_id, key, value)
-        if decision.promote:
-            registry.promote(client, version.version)
-    print(f"  {'promoted' if decision.promote else 'NOT promoted'}: {decision.reason}")
-
+    run_id = run.info.run_id
+    version = _register(client, model_info, run_id, data, settings, metrics)
+    decision = _gate(client, version, run_id, split, metrics["roc_auc"], settings)
     stage_name = registry.PRODUCTION_STAGE if decision.promote else version.current_stage
     return TrainingResult(
-        run.info.run_id,
-        _run_url(run, settings.ui_url),
-        version.version,
-        stage_name,
-        decision.promote,
-        decision.reason,
+        run_id, _run_url(run, settings.ui_url), version.version, stage_name, decision.promote, decision.reason
     )
 
 
@@ -355,7 +371,3 @@ def summary(result: TrainingResult) -> str:
         lines.insert(0, f"run:     {result.run_url}")
     lines.append(f"outcome: {result.reason}")
     return "\n".join(lines)
-
-
-def result_json(result: TrainingResult) -> str:
-    return json.dumps(result.__dict__)

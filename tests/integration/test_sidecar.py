@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from logging_sidecar.reader import read_records
 from model.schema import FEATURES
 from serving.settings import MODEL_NAME
-from stack import mlflow_server, processes
-from tests.helpers import BIN, credit_risk, free_port, serving_service
+from stack import processes, services
+from tests.helpers import credit_risk, free_port, serving_service
 from tests.integration.test_serving import v2_body
 from training.data import load_training_data
 
@@ -32,8 +32,8 @@ class Stack:
         self.root = root
         self.spool = root / "spool"
         self.mlflow_port = free_port()
-        self.mlflow = mlflow_server.service(root / "mlflow", port=self.mlflow_port)
-        self.tracking_uri = mlflow_server.tracking_uri(mlflow_server.DEFAULT_HOST, self.mlflow_port)
+        self.mlflow = services.mlflow(root / "mlflow", port=self.mlflow_port)
+        self.tracking_uri = services.tracking_uri(self.mlflow_port)
         self.sample = load_training_data(sample_path).features.reset_index(drop=True)
         self.sent: list[tuple[str, pd.DataFrame, dict]] = []
         self.processes: dict[str, object] = {}
@@ -71,25 +71,8 @@ class Stack:
         self.mlserver_log = service.log_path(self.root)
 
     def sidecar_service(self, **env):
-        command = [
-            str(BIN / "credit-risk"),
-            "sidecar",
-            "--spool-dir",
-            str(self.spool),
-            "--port",
-            str(self.sidecar_port),
-        ]
-        return processes.Service(
-            "sidecar",
-            command,
-            f"http://127.0.0.1:{self.sidecar_port}/health",
-            {
-                "MLFLOW_TRACKING_URI": self.tracking_uri,
-                "CREDIT_RISK_FLUSH_RECORDS": "40",
-                "CREDIT_RISK_FLUSH_INTERVAL_S": "1",
-                **env,
-            },
-        )
+        env = {"CREDIT_RISK_FLUSH_RECORDS": "40", "CREDIT_RISK_FLUSH_INTERVAL_S": "1", **env}
+        return services.sidecar(self.tracking_uri, self.spool, self.sidecar_port, **env)
 
     def start_sidecar(self, **env):
         self.start("sidecar", self.sidecar_service(**env), timeout=60)
