@@ -3,12 +3,13 @@
 Starts its own MLflow server, trains on the bundled sample, then measures with real
 processes on free ports:
 
-1. single-row latency (p50/p99, sequential requests) and throughput at 16 concurrent clients,
-   with capture off and on (on = spool writes plus the sidecar running beside MLServer),
-   alternating off/on rounds so that drift on the machine does not favour one side;
+1. single-row latency (p50/p99) and throughput at 16 concurrent clients, capture off and on,
+   from two MLServers running side by side (on = spool writes plus the sidecar shipping
+   beside it): sequential requests go to both in turn and load rounds alternate, so that
+   whatever else the machine does (its run-to-run noise is ~±10 %) hits both sides alike;
 2. the sidecar's sustained shipping rate into MLflow from a pre-filled spool.
 
-    .venv/bin/python benchmarks/capture_and_shipping.py [--requests 2000] [--seconds 15]
+    .venv/bin/python benchmarks/capture_and_shipping.py [--requests 3000] [--seconds 15] [--rounds 3]
 
 Prints figures; asserts nothing. The README quotes its output with date and machine.
 """
@@ -64,16 +65,6 @@ def single_row_bodies(count: int) -> list[dict]:
     return bodies
 
 
-def sequential(url: str, bodies: list[dict]) -> list[float]:
-    latencies = []
-    with httpx.Client(timeout=30) as client:
-        for body in bodies:
-            started = time.perf_counter()
-            client.post(url, json=body).raise_for_status()
-            latencies.append((time.perf_counter() - started) * 1000)
-    return latencies
-
-
 async def concurrent(url: str, bodies: list[dict], seconds: float) -> tuple[int, list[float]]:
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -109,7 +100,8 @@ def stop(process):
 
 def serving(tracking_uri, spool: Path | None):
     http = processes.free_port()
-    env = {} if spool is None else {"CREDIT_RISK_SPOOL_DIR": str(spool)}
+    # An empty spool folder turns capture off, whatever the caller's environment says.
+    env = {"CREDIT_RISK_SPOOL_DIR": "" if spool is None else str(spool)}
     service = services.serving(
         tracking_uri,
         http,
@@ -126,29 +118,58 @@ def sidecar(tracking_uri, spool: Path):
     return services.sidecar(tracking_uri, spool, port, name=f"sidecar-{port}"), port
 
 
-def measure_serving(tracking_uri, root, capture: bool, bodies, seconds) -> dict:
-    spool = root / f"spool-{time.time_ns()}" if capture else None
-    service, url = serving(tracking_uri, spool)
-    server = start(service, root)
-    helper = None
-    if capture:
-        sidecar_service, _ = sidecar(tracking_uri, spool)
-        helper = start(sidecar_service, root, timeout=60)
+def paired_sequential(urls: dict[str, str], bodies: list[dict]) -> dict[str, list[float]]:
+    """Single-row requests sent to both servers in turn (order swapped every pair), so that
+    whatever else the machine does hits both sides alike."""
+    latencies = {name: [] for name in urls}
+    names = list(urls)
+    with httpx.Client(timeout=30) as client:
+        for i, body in enumerate(bodies):
+            for name in names if i % 2 == 0 else reversed(names):
+                started = time.perf_counter()
+                client.post(urls[name], json=body).raise_for_status()
+                latencies[name].append((time.perf_counter() - started) * 1000)
+    return latencies
+
+
+def measure_serving(tracking_uri, root, bodies, seconds: float, rounds: int) -> dict:
+    """Capture off and on side by side: two MLServers, the second with a spool and a sidecar."""
+    spool = root / "spool-serving"
+    off_service, off_url = serving(tracking_uri, None)
+    on_service, on_url = serving(tracking_uri, spool)
+    sidecar_service, _ = sidecar(tracking_uri, spool)
+    started = [start(off_service, root), start(on_service, root), start(sidecar_service, root, timeout=60)]
+    urls = {"off": off_url, "on": on_url}
     try:
-        sequential(url, bodies[:200])  # warm-up
-        latencies = sequential(url, bodies)
-        count, loaded = asyncio.run(concurrent(url, bodies, seconds))
+        paired_sequential(urls, bodies[:200])  # warm-up
+        sequential_ms = paired_sequential(urls, bodies)
+        loaded = {"off": [], "on": []}
+        for name in ("off", "on") * rounds:
+            count, latencies = asyncio.run(concurrent(urls[name], bodies, seconds))
+            loaded[name].append((count / seconds, latencies))
     finally:
-        if helper:
-            stop(helper)
-        stop(server)
-    return {
-        "p50_ms": percentile(latencies, 50),
-        "p99_ms": percentile(latencies, 99),
-        "rps_16": count / seconds,
-        "p50_16_ms": percentile(loaded, 50),
-        "p99_16_ms": percentile(loaded, 99),
-    }
+        for process in reversed(started):
+            stop(process)
+    return {"sequential_ms": sequential_ms, "loaded": loaded}
+
+
+def measure_capture_cost(root, repeats: int = 5000) -> dict:
+    """What capture adds inside MLServer for one single-row request: encoding and one write."""
+    features = load_training_data(BUNDLED_SAMPLE).features.to_numpy()[:1]
+    outputs = {"prediction": np.array([0]), "probability": np.array([0.05])}
+    identity = {"model_name": MODEL_NAME, "registered_model": "credit-risk-model",
+                "model_version": "1", "dataset_hash": "0" * 64}  # fmt: skip
+    writer = SpoolWriter(SpoolSettings(directory=root / "spool-cost"))
+    encode_us, append_us = [], []
+    for i in range(repeats):
+        started = time.perf_counter()
+        line = encode(f"cost-{i}", time.time_ns(), identity, list(FEATURES), features, outputs, 1.0)
+        encoded = time.perf_counter()
+        writer.append(line, 1)
+        encode_us.append((encoded - started) * 1e6)
+        append_us.append((time.perf_counter() - encoded) * 1e6)
+    writer.close()
+    return {"encode_us": statistics.median(encode_us), "append_us": statistics.median(append_us)}
 
 
 def measure_shipping(tracking_uri, root, records: int) -> dict:
@@ -184,9 +205,9 @@ def measure_shipping(tracking_uri, root, records: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000, help="sequential single-row requests per round")
+    parser.add_argument("--requests", type=int, default=3000, help="sequential single-row requests per side")
     parser.add_argument("--seconds", type=float, default=15, help="duration of the 16-client load per round")
-    parser.add_argument("--rounds", type=int, default=3, help="off/on pairs, alternated")
+    parser.add_argument("--rounds", type=int, default=3, help="16-client rounds per side, alternated")
     parser.add_argument("--ship-records", type=int, default=100_000)
     args = parser.parse_args()
 
@@ -202,10 +223,9 @@ def main() -> None:
             capture_output=True,
         )
         bodies = single_row_bodies(args.requests)
-        rounds = {"off": [], "on": []}
-        for capture in ("off", "on") * args.rounds:
-            rounds[capture].append(measure_serving(tracking_uri, root, capture == "on", bodies, args.seconds))
+        serving_figures = measure_serving(tracking_uri, root, bodies, args.seconds, args.rounds)
         shipping = measure_shipping(tracking_uri, root, args.ship_records)
+        cost = measure_capture_cost(root)
     finally:
         stop(mlflow)
 
@@ -215,19 +235,22 @@ def main() -> None:
         f"date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; machine: {os.cpu_count()} cores, {cpu}, "
         f"Python {platform.python_version()}; MLServer with 1 worker process, OMP_NUM_THREADS=1"
     )
-    print(
-        f"{'capture':8} {'round':>5} {'p50 ms':>8} {'p99 ms':>8} {'req/s@16':>9} {'p50@16':>8} {'p99@16':>8}"
-    )
-    for capture, results in rounds.items():
-        for number, r in enumerate(results, 1):
+    sequential_ms = serving_figures["sequential_ms"]
+    p50 = {name: percentile(values, 50) for name, values in sequential_ms.items()}
+    print(f"single-row latency, {args.requests} sequential requests per side, sent to both in turn:")
+    for name, values in sequential_ms.items():
+        print(f"  capture {name:3}  p50 {p50[name]:6.2f} ms  p99 {percentile(values, 99):6.2f} ms")
+    print(f"  p50 with capture on: {(p50['on'] / p50['off'] - 1) * 100:+.1f} % (budget +10 %)")
+    print(f"16 concurrent clients, {args.seconds:g} s per round, rounds alternated:")
+    for name, results in serving_figures["loaded"].items():
+        for number, (rate, latencies) in enumerate(results, 1):
             print(
-                f"{capture:8} {number:>5} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['rps_16']:9.0f} "
-                f"{r['p50_16_ms']:8.2f} {r['p99_16_ms']:8.2f}"
+                f"  capture {name:3}  round {number}  {rate:5.0f} req/s  "
+                f"p50 {percentile(latencies, 50):6.1f} ms  p99 {percentile(latencies, 99):6.1f} ms"
             )
-    p50_off = statistics.median(r["p50_ms"] for r in rounds["off"])
-    p50_on = statistics.median(r["p50_ms"] for r in rounds["on"])
     print(
-        f"single-row p50: off {p50_off:.2f} ms, on {p50_on:.2f} ms ({(p50_on / p50_off - 1) * 100:+.1f} %; budget +10 %)"
+        f"capture cost inside MLServer per single-row request (median): encode {cost['encode_us']:.1f} µs, "
+        f"append to the spool {cost['append_us']:.1f} µs"
     )
     print(
         f"sidecar shipping: {shipping['records']} records in {shipping['seconds']:.1f} s = "

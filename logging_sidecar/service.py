@@ -117,8 +117,9 @@ class Sidecar:
 
     def _plan(self) -> tuple[Flush, list[dict]]:
         taken, rows = [], 0
-        while self._pending and rows < self.settings.max_batch_records:
-            chunk = self._pending.pop(0)
+        for chunk in self._pending:
+            if rows >= self.settings.max_batch_records:
+                break
             taken.append(chunk)
             rows += chunk.rows
         ranges: dict[str, tuple[int, int]] = {}
@@ -126,6 +127,7 @@ class Sidecar:
             start = ranges[chunk.segment][0] if chunk.segment in ranges else chunk.start
             ranges[chunk.segment] = (start, chunk.end)
         flush = self.state.plan(ranges, rows, created_ms=int(time.time() * 1000))
+        del self._pending[: len(taken)]  # only once the plan is stored
         return flush, [request for chunk in taken for request in chunk.requests]
 
     def _replay(self, flush: Flush) -> list[dict]:
