@@ -68,7 +68,12 @@ def _column(name: str, datatype: Datatype | str, shape: list[int], data: Any) ->
         if value is None:
             column[row] = math.nan
         elif type(value) in (int, float):
-            column[row] = value
+            try:
+                column[row] = value
+            except OverflowError:  # JSON integers are unbounded; float64 is not
+                raise InvalidRequest(
+                    f"input '{name}': row {row} is an integer too large for a 64-bit float"
+                ) from None
         else:
             kind = "boolean" if isinstance(value, bool) else type(value).__name__
             raise InvalidRequest(

@@ -56,6 +56,7 @@ def test_ints_floats_and_nulls_become_float64_nan():
         (payload({"age": {"shape": [3], "data": [1, 2]}}), "announces 3 value(s), data has 2"),
         (payload({"age": {"shape": [3], "data": [1, 2, 3]}}), "inputs have unequal lengths"),
         (payload({"age": {"shape": [0], "data": []}}), "shape [0] is not [rows]"),
+        (payload({"age": {"datatype": "INT64", "data": [10**400, 1]}}), "row 0 is an integer too large"),
     ],
 )
 def test_bad_requests_name_the_input_and_the_problem(request_, message):

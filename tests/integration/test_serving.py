@@ -169,7 +169,10 @@ def test_bad_input_is_400_naming_the_problem(mlserver, rows, case):
 
 def test_malformed_bodies_are_4xx_with_a_message(mlserver):
     url = f"{mlserver['url']}/v2/models/{MODEL_NAME}/infer"
-    for content in (b"not json", b"{}", b'{"inputs": [{"name": "age"}]}'):
+    beyond_float64 = (
+        b'{"inputs": [{"name": "age", "shape": [1], "datatype": "INT64", "data": [1' + b"0" * 400 + b"]}]}"
+    )
+    for content in (b"not json", b"{}", b'{"inputs": [{"name": "age"}]}', beyond_float64):
         response = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=10)
         assert 400 <= response.status_code < 500, (content, response.status_code)
         assert response.text.strip()
