@@ -33,7 +33,8 @@ def read_records(
 
     ``model_version`` keeps one registry version; ``since`` (naive means UTC) keeps records
     at or after that moment. Duplicates that an interrupted delivery may have left are
-    dropped on ``(request_id, row_index)``; ``deduplicate=False`` shows the files as stored.
+    dropped on ``(request_id, row_index, timestamp)`` (a client reusing an id keeps all its
+    requests); ``deduplicate=False`` shows the files as stored.
     """
     client = client or MlflowClient()
     since_utc = _as_utc(since)

@@ -17,7 +17,9 @@ from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
 
 IDENTITY_COLUMNS = ("request_id", "row_index", "timestamp", "model_name", "model_version", "dataset_hash")
 COLUMNS = (*IDENTITY_COLUMNS, *FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY, "latency_ms")
-KEY = ["request_id", "row_index"]
+# What makes a record unique. Not the request id alone: clients choose it and may reuse it,
+# but a replayed record keeps its request's exact timestamp.
+KEY = ["request_id", "row_index", "timestamp"]
 
 
 class RunKey(NamedTuple):

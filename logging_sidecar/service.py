@@ -3,7 +3,7 @@ bounded; expose ``/health`` and ``/metrics``.
 
 Delivery is at least once (a flush is committed only after MLflow accepted all of it) and
 exactly once as seen by a reader (a replayed flush rewrites the same artifact names; the
-reader also drops duplicate ``(request_id, row_index)`` pairs).
+reader also drops duplicate ``(request_id, row_index, timestamp)`` records).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from model.schema import COUNTS, FEATURES
 from serving.settings import MODEL_NAME, MODEL_URI, SERVING_DIR
+from tests.helpers import REPO
 from training.data import load_training_data, sha256_of_file
 from training.registry import PRODUCTION_MODEL_URI, production_version
 
@@ -98,11 +99,21 @@ def test_metrics_are_labelled_with_version_and_dataset_hash(mlserver, tracking_u
     assert f"credit_risk_rows_scored_total{{{labels}}}" in text
 
 
-def test_example_request_from_the_readme(mlserver):
+def _readme_example_response() -> dict:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Calling the model") :]
+    return json.loads(section[section.index("```json") + len("```json") : section.index("```\n\n-")])
+
+
+def test_example_request_gets_the_answer_shown_in_the_readme(mlserver):
+    """The model trained on the bundled sample with the defaults answers exactly as documented."""
     body = json.loads((SERVING_DIR / "example-request.json").read_text())
     response = infer(mlserver, body)
     assert response.status_code == 200, response.text
-    assert len(outputs(response)["probability"]) == 2
+    shown, answer = _readme_example_response(), response.json()
+    assert answer["outputs"] == shown["outputs"]
+    assert answer["id"] == shown["id"]
+    assert answer["parameters"]["dataset_hash"] == shown["parameters"]["dataset_hash"]
 
 
 def _bad(rows, name, **change):

@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.reader import read_records
+from logging_sidecar.records import KEY
 from model.schema import FEATURES
 from serving.settings import MODEL_NAME
 from stack import processes, services
@@ -77,12 +78,12 @@ class Stack:
     def start_sidecar(self, **env):
         self.start("sidecar", self.sidecar_service(**env), timeout=60)
 
-    def send(self, count, rows=1, with_id=True):
+    def send(self, count, rows=1, with_id=True, request_id=None):
         """Requests of ``rows`` rows each (with missing values); remember what was answered."""
         for _ in range(count):
             start = len(self.sent) * 3 % (len(self.sample) - rows)
             frame = self.sample.iloc[start : start + rows].reset_index(drop=True)
-            body = v2_body(frame, **({"id": f"req-{uuid.uuid4().hex}"} if with_id else {}))
+            body = v2_body(frame, **({"id": request_id or f"req-{uuid.uuid4().hex}"} if with_id else {}))
             response = httpx.post(f"{self.mlserver_url}/v2/models/{MODEL_NAME}/infer", json=body, timeout=30)
             assert response.status_code == 200, response.text
             answer = response.json()
@@ -111,7 +112,7 @@ class Stack:
     def assert_exactly_once(self):
         raw = read_records(client=MlflowClient(self.tracking_uri), deduplicate=False)
         assert len(raw) == self.sent_rows, f"{len(raw)} records shipped for {self.sent_rows} answered"
-        assert not raw.duplicated(["request_id", "row_index"]).any()
+        assert not raw.duplicated(KEY).any()
         assert set(raw["request_id"]) == {request_id for request_id, _, _ in self.sent}
 
 
@@ -157,6 +158,15 @@ def test_capture_works_without_worker_processes(stack):
     stack.send(20)
     stack.wait_shipped()
     stack.assert_exactly_once()
+
+
+def test_a_client_reusing_an_id_keeps_every_request(stack):
+    stack.send(3, rows=2, request_id="reused-id")
+    stack.wait_shipped()
+    stack.assert_exactly_once()
+    records = read_records(client=MlflowClient(stack.tracking_uri))
+    reused = records[records["request_id"] == "reused-id"]
+    assert len(reused) == 6 and reused["timestamp"].nunique() == 3
 
 
 def test_mlflow_down_while_traffic_flows_then_back(stack):
