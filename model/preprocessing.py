@@ -89,7 +89,7 @@ class CreditFeatureEngineer(TransformerMixin, BaseEstimator):
             if not 0.0 < self.clip_quantile <= 1.0:
                 raise ValueError(f"clip_quantile must be in (0, 1], got {self.clip_quantile!r}")
             self.clip_upper_ = {
-                name: float(np.nanquantile(features[:, _OUTPUT.index(name)], self.clip_quantile))
+                name: float(np.nanquantile(features[:, _COLUMN[name]], self.clip_quantile))
                 for name in CLIPPED
             }
         return self
@@ -98,7 +98,7 @@ class CreditFeatureEngineer(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         features = self._engineer(self._check_input(X, reset=False))
         for name, upper in self.clip_upper_.items():
-            column = _OUTPUT.index(name)
+            column = _COLUMN[name]
             features[:, column] = np.minimum(features[:, column], upper)  # NaN stays NaN
         return features
 
