@@ -21,7 +21,6 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,11 +36,14 @@ sys.path.insert(0, str(REPO))
 from model.schema import FEATURES  # noqa: E402
 from serving.capture import SpoolSettings, SpoolWriter, encode  # noqa: E402
 from serving.settings import MODEL_NAME  # noqa: E402
-from stack import processes, services  # noqa: E402
+from stack import services  # noqa: E402
+from tests.helpers import credit_risk, free_port, mlflow_tracking_server, running, serving_service  # noqa: E402
 from training.data import BUNDLED_SAMPLE, load_training_data  # noqa: E402
 
-BIN = Path(sys.executable).parent
 CONCURRENCY = 16
+# Who "scored" the records written straight to a spool (capture cost, shipping rate).
+SPOOL_IDENTITY = {"model_name": MODEL_NAME, "registered_model": "credit-risk-model",
+                  "model_version": "1", "dataset_hash": "0" * 64}  # fmt: skip
 
 
 def single_row_bodies(count: int) -> list[dict]:
@@ -87,35 +89,20 @@ def percentile(values, q):
     return float(np.percentile(values, q))
 
 
-def start(service, root, timeout=180):
-    process = processes.start(service, root)
-    processes.wait_healthy(service, process, root, timeout)
-    return process
-
-
-def stop(process):
-    processes.terminate(process.pid)
-    process.wait(timeout=30)
-
-
-def serving(tracking_uri, spool: Path | None):
-    http = processes.free_port()
+def serving(tracking_uri, name: str, spool: Path | None):
     # An empty spool folder turns capture off, whatever the caller's environment says.
-    env = {"CREDIT_RISK_SPOOL_DIR": "" if spool is None else str(spool)}
-    service = services.serving(
-        tracking_uri,
-        http,
-        grpc_port=processes.free_port(),
-        metrics_port=processes.free_port(),
-        name=f"serving-{http}",
-        **env,
+    service, ports = serving_service(
+        tracking_uri, name=name, CREDIT_RISK_SPOOL_DIR="" if spool is None else str(spool)
     )
-    return service, f"http://{services.LOOPBACK}:{http}/v2/models/{MODEL_NAME}/infer"
+    return service, f"http://{services.LOOPBACK}:{ports['http']}/v2/models/{MODEL_NAME}/infer"
 
 
-def sidecar(tracking_uri, spool: Path):
-    port = processes.free_port()
-    return services.sidecar(tracking_uri, spool, port, name=f"sidecar-{port}"), port
+def sidecar(tracking_uri, name: str, spool: Path):
+    return services.sidecar(tracking_uri, spool, free_port(), name=name)
+
+
+def shipped_records(sidecar_service) -> int:
+    return httpx.get(sidecar_service.health_url, timeout=10).json()["shipped_records_total"]
 
 
 def paired_sequential(urls: dict[str, str], bodies: list[dict]) -> dict[str, list[float]]:
@@ -135,21 +122,17 @@ def paired_sequential(urls: dict[str, str], bodies: list[dict]) -> dict[str, lis
 def measure_serving(tracking_uri, root, bodies, seconds: float, rounds: int) -> dict:
     """Capture off and on side by side: two MLServers, the second with a spool and a sidecar."""
     spool = root / "spool-serving"
-    off_service, off_url = serving(tracking_uri, None)
-    on_service, on_url = serving(tracking_uri, spool)
-    sidecar_service, _ = sidecar(tracking_uri, spool)
-    started = [start(off_service, root), start(on_service, root), start(sidecar_service, root, timeout=60)]
+    off_service, off_url = serving(tracking_uri, "serving-off", None)
+    on_service, on_url = serving(tracking_uri, "serving-on", spool)
+    sidecar_service = sidecar(tracking_uri, "sidecar-serving", spool)
     urls = {"off": off_url, "on": on_url}
-    try:
+    with running(off_service, root), running(on_service, root), running(sidecar_service, root, timeout=60):
         paired_sequential(urls, bodies[:200])  # warm-up
         sequential_ms = paired_sequential(urls, bodies)
         loaded = {"off": [], "on": []}
         for name in ("off", "on") * rounds:
             count, latencies = asyncio.run(concurrent(urls[name], bodies, seconds))
             loaded[name].append((count / seconds, latencies))
-    finally:
-        for process in reversed(started):
-            stop(process)
     return {"sequential_ms": sequential_ms, "loaded": loaded}
 
 
@@ -157,13 +140,11 @@ def measure_capture_cost(root, repeats: int = 5000) -> dict:
     """What capture adds inside MLServer for one single-row request: encoding and one write."""
     features = load_training_data(BUNDLED_SAMPLE).features.to_numpy()[:1]
     outputs = {"prediction": np.array([0]), "probability": np.array([0.05])}
-    identity = {"model_name": MODEL_NAME, "registered_model": "credit-risk-model",
-                "model_version": "1", "dataset_hash": "0" * 64}  # fmt: skip
     writer = SpoolWriter(SpoolSettings(directory=root / "spool-cost"))
     encode_us, append_us = [], []
     for i in range(repeats):
         started = time.perf_counter()
-        line = encode(f"cost-{i}", time.time_ns(), identity, list(FEATURES), features, outputs, 1.0)
+        line = encode(f"cost-{i}", time.time_ns(), SPOOL_IDENTITY, list(FEATURES), features, outputs, 1.0)
         encoded = time.perf_counter()
         writer.append(line, 1)
         encode_us.append((encoded - started) * 1e6)
@@ -175,31 +156,19 @@ def measure_capture_cost(root, repeats: int = 5000) -> dict:
 def measure_shipping(tracking_uri, root, records: int) -> dict:
     spool = root / "spool-shipping"
     writer = SpoolWriter(SpoolSettings(directory=spool))
-    features = load_training_data(BUNDLED_SAMPLE).features.reset_index(drop=True)
-    identity = {
-        "model_name": MODEL_NAME,
-        "registered_model": "credit-risk-model",
-        "model_version": "1",
-        "dataset_hash": "benchmark",
-    }
-    values = features.to_numpy()
+    values = load_training_data(BUNDLED_SAMPLE).features.to_numpy()
     outputs = {"prediction": np.array([0]), "probability": np.array([0.05])}
     for i in range(records):  # single-row requests: the most lines per record, the worst case
         row = values[[i % len(values)]]
-        writer.append(encode(f"bench-{i}", time.time_ns(), identity, list(FEATURES), row, outputs, 1.0), 1)
+        line = encode(f"bench-{i}", time.time_ns(), SPOOL_IDENTITY, list(FEATURES), row, outputs, 1.0)
+        writer.append(line, 1)
     writer.close()
-    service, port = sidecar(tracking_uri, spool)
+    service = sidecar(tracking_uri, "sidecar-shipping", spool)
     started = time.perf_counter()
-    process = start(service, root, timeout=60)
-    try:
-        while True:
-            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
-            if health["shipped_records_total"] >= records:
-                break
+    with running(service, root, timeout=60):
+        while shipped_records(service) < records:
             time.sleep(0.2)
         elapsed = time.perf_counter() - started
-    finally:
-        stop(process)
     return {"records": records, "seconds": elapsed, "records_per_s": records / elapsed}
 
 
@@ -212,22 +181,14 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="credit-risk-bench-"))
-    mlflow_port = processes.free_port()
-    tracking_uri = services.tracking_uri(mlflow_port)
-    mlflow = start(services.mlflow(root / "mlflow", port=mlflow_port), root, timeout=120)
-    try:
-        subprocess.run(
-            [str(BIN / "credit-risk"), "train", "--data", str(BUNDLED_SAMPLE)],
-            check=True,
-            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
-            capture_output=True,
-        )
+    with mlflow_tracking_server(root) as tracking_uri:
+        trained = credit_risk("train", "--data", str(BUNDLED_SAMPLE), tracking_uri=tracking_uri)
+        if trained.returncode != 0:
+            sys.exit(f"training failed:\n{trained.stdout}{trained.stderr}")
         bodies = single_row_bodies(args.requests)
         serving_figures = measure_serving(tracking_uri, root, bodies, args.seconds, args.rounds)
         shipping = measure_shipping(tracking_uri, root, args.ship_records)
         cost = measure_capture_cost(root)
-    finally:
-        stop(mlflow)
 
     with open("/proc/cpuinfo") as cpuinfo:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?")
