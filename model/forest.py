@@ -12,7 +12,10 @@ link function. ``tests/test_forest.py`` holds it to that. Large batches are left
 whose compiled loop is faster there.
 
 It reads the fitted ``_predictors``, ``_baseline_prediction`` and ``_loss`` of the exact
-scikit-learn version pinned in ``requirements.lock``.
+scikit-learn version pinned in ``requirements.lock``. Private fields can change meaning, so it
+is never trusted blindly: ``checked_forest`` builds it only for fitted state it understands and
+proves it bit for bit against the classifier itself, or says why not, so the caller keeps
+scikit-learn's own path instead of a silently wrong answer.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import numpy as np
 
 # Above this many rows sklearn's own loop is faster and the node arrays would grow large.
 MAX_ROWS = 256
+# Probe rows are scored in slices of this many, to bound the (rows x trees) node arrays.
+_PROBE_SLICE = 512
 
 
 class FlatForest:
@@ -63,3 +68,44 @@ class FlatForest:
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self._loss.predict_proba(self.raw_predict(X)[:, None])
+
+
+def _probe_rows(forest: FlatForest, n_features: int, seed: int = 0) -> np.ndarray:
+    """Rows that walk every branch kind: each split's feature exactly on its threshold (it
+    goes left) and just above it, each feature missing on its own, all missing, and random
+    mixes of thresholds and missing values."""
+    split = ~forest._is_leaf
+    features, thresholds = forest._feature[split], forest._threshold[split]
+    on = np.full((len(features), n_features), np.nan)
+    on[np.arange(len(features)), features] = thresholds
+    above = on.copy()
+    above[np.arange(len(features)), features] = np.nextafter(thresholds, np.inf)
+    rng = np.random.default_rng(seed)
+    mixed = np.full((len(features), n_features), np.nan)
+    for column in range(n_features):
+        choices = thresholds[features == column]
+        if len(choices):
+            values = rng.choice(choices, size=len(features))
+            values = np.where(rng.random(len(features)) < 0.5, values, np.nextafter(values, np.inf))
+            mixed[:, column] = np.where(rng.random(len(features)) < 0.2, np.nan, values)
+    one_missing = np.where(np.eye(n_features, dtype=bool), np.nan, 0.0)
+    return np.vstack([on, above, mixed, one_missing, np.full((1, n_features), np.nan)])
+
+
+def checked_forest(classifier, examples: np.ndarray | None = None) -> tuple[FlatForest | None, str]:
+    """A ``FlatForest`` proven bit-identical to ``classifier.predict_proba`` on ``examples``
+    plus probe rows, or ``None`` and the reason it cannot be used."""
+    if getattr(classifier, "_preprocessor", None) is not None:
+        return None, "the classifier transforms its input itself (categorical features)"
+    try:
+        forest = FlatForest(classifier)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        return None, f"fitted state not understood: {error}"
+    probe = _probe_rows(forest, classifier.n_features_in_)
+    if examples is not None:
+        probe = np.vstack([np.asarray(examples, dtype=np.float64), probe])
+    for start in range(0, len(probe), _PROBE_SLICE):
+        rows = probe[start : start + _PROBE_SLICE]
+        if forest.predict_proba(rows).tobytes() != classifier.predict_proba(rows).tobytes():
+            return None, f"differs from predict_proba on probe rows {start}..{start + len(rows) - 1}"
+    return forest, f"bit-identical to predict_proba on {len(probe)} probe rows"

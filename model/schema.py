@@ -86,6 +86,18 @@ def validate_features(frame: pd.DataFrame) -> pd.DataFrame:
         raise InvalidFeatures(unknown[0], f"unknown column (expected only {list(FEATURES)})")
 
     values = np.column_stack([_as_float(frame[name], name, frame.index) for name in FEATURES])
+    check_values(values, frame.index)
+    return pd.DataFrame(values, columns=list(FEATURES), index=frame.index)
+
+
+def check_values(values: np.ndarray, index: pd.Index | None = None) -> None:
+    """Raise ``InvalidFeatures`` unless every value of this float64 matrix (columns in
+    ``FEATURES`` order, NaN for missing) is finite, non-negative, and whole in the counts.
+
+    The one check behind both the DataFrame path (``validate_features``) and the served
+    path, which decodes requests straight into such a matrix. ``index`` names the rows in
+    messages (default: 0, 1, ...).
+    """
     present = ~np.isnan(values)
     checks = [
         (np.isinf(values), "must be finite"),
@@ -95,12 +107,12 @@ def validate_features(frame: pd.DataFrame) -> pd.DataFrame:
     for mask, problem in checks:
         if mask.any():
             column = int(np.nonzero(mask.any(axis=0))[0][0])  # the first column, in FEATURES order
-            bad = mask[:, column]
+            rows = mask[:, column]
+            index = pd.RangeIndex(len(values)) if index is None else index
             raise InvalidFeatures(
                 FEATURES[column],
-                f"{problem}, got {values[bad, column][0]:g} at row {_rows(bad, frame.index)}",
+                f"{problem}, got {values[rows, column][0]:g} at row {_rows(rows, index)}",
             )
-    return pd.DataFrame(values, columns=list(FEATURES), index=frame.index)
 
 
 def _as_float(column: pd.Series, name: str, index: pd.Index) -> np.ndarray:

@@ -101,3 +101,17 @@ def test_same_data_and_seed_give_bit_identical_predictions(sample):
     second = build_pipeline(classifier_params(), seed=42).fit(sample.features, sample.target)
     probe = sample.features
     assert first.predict_proba(probe).tobytes() == second.predict_proba(probe).tobytes()
+
+
+def test_served_path_scores_exactly_like_predict_and_uses_the_checked_fast_path(saved_model, sample):
+    from model import scoring
+
+    loaded = scoring.load(saved_model["path"])
+    assert loaded.scorer.fast_path, loaded.scorer.fast_path_status
+    rows = sample.features.head(300)  # over the fast path's row limit too
+    for batch in (rows.head(1), rows.head(64), rows):
+        prediction, probability = loaded.score(batch.to_numpy())
+        expected = saved_model["pipeline"].predict_proba(batch)[:, 1]
+        assert probability.tobytes() == expected.tobytes()
+        assert prediction.tolist() == loaded.pyfunc.predict(batch)["prediction"].tolist()
+    assert loaded.dataset_hash == sample.fingerprint.sha256
