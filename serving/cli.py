@@ -1,36 +1,25 @@
-"""``credit-risk serve``: start MLServer on the serving folder with this project's defaults."""
+"""``credit-risk serve``: run MLServer (``serving.server``) on the registry's Production model."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-from pathlib import Path
-
-from mlserver.settings import Settings
-
-from serving.settings import SERVING_DIR, serving_environment
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="serve models:/credit-risk-model/Production with MLServer (V2 protocol)",
+        help="serve models:/credit-risk-model/Production with MLServer (V2 protocol), following the registry",
         description="Start MLServer in the foreground. The model comes from the registry at "
-        "$MLFLOW_TRACKING_URI; MLServer's own MLSERVER_* variables configure the server "
-        "(MLSERVER_HTTP_PORT, MLSERVER_GRPC_PORT, MLSERVER_METRICS_PORT, MLSERVER_HOST, "
-        "MLSERVER_PARALLEL_WORKERS, ...). Flags override the variables.",
+        "$MLFLOW_TRACKING_URI, and the server follows Production by itself. MLServer's own "
+        "MLSERVER_* variables configure the server (MLSERVER_HTTP_PORT, MLSERVER_GRPC_PORT, "
+        "MLSERVER_METRICS_PORT, MLSERVER_HOST, ...); CREDIT_RISK_REGISTRY_POLL_S sets how often "
+        "the registry is asked (default 5 s). Flags override the variables.",
     )
     parser.add_argument("--host", help="address to bind (MLSERVER_HOST, default 127.0.0.1)")
     parser.add_argument("--http-port", type=int, help="V2 REST port (MLSERVER_HTTP_PORT, default 8080)")
     parser.add_argument("--grpc-port", type=int, help="V2 gRPC port (MLSERVER_GRPC_PORT, default 8081)")
     parser.add_argument(
         "--metrics-port", type=int, help="Prometheus port (MLSERVER_METRICS_PORT, default 8082)"
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        help="inference worker processes, 0 for none (MLSERVER_PARALLEL_WORKERS, default 1)",
     )
     parser.set_defaults(handler=run)
 
@@ -41,15 +30,12 @@ def run(args) -> int:
         "MLSERVER_HTTP_PORT": args.http_port,
         "MLSERVER_GRPC_PORT": args.grpc_port,
         "MLSERVER_METRICS_PORT": args.metrics_port,
-        "MLSERVER_PARALLEL_WORKERS": args.workers,
     }
+    from serving.settings import serving_environment
+
     os.environ.update({name: str(value) for name, value in flags.items() if value is not None})
     os.environ.update(serving_environment())
-    settings = Settings()  # read from the environment exactly as MLServer will
-    # Metric files left by a previous server would be summed into this one's counters.
-    shutil.rmtree(settings.metrics_dir, ignore_errors=True)
-    os.makedirs(settings.metrics_dir, exist_ok=True)
-    mlserver = Path(sys.executable).with_name("mlserver")
-    sys.stdout.flush()
-    os.execv(mlserver, [str(mlserver), "start", str(SERVING_DIR)])
-    return 0  # not reached: exec replaces this process
+    # Imported once the environment is final: MLServer and MLflow read it at import time.
+    from serving.server import main
+
+    return main()

@@ -1,10 +1,9 @@
 """Prometheus metrics labelled with the registry version and dataset hash.
 
 MLServer's own ``model_infer_request_*`` metrics take their ``version`` label from the URL
-(``None`` on ``/v2/models/credit-risk/infer``); these carry the version that actually scored.
-They are created on first use, inside the process that scores: with parallel workers that is
-a worker, after MLServer switched prometheus_client to multiprocess mode, and MLServer's
-metrics endpoint aggregates them.
+(``None`` on ``/v2/models/credit-risk/infer``); these carry the version that actually scored,
+read from the same slot as the answer. Serving runs in one process (no MLServer workers), so
+they live in prometheus_client's default registry, which MLServer's metrics port exposes.
 """
 
 from __future__ import annotations
@@ -28,10 +27,17 @@ _LABELS = list(Labels._fields)
 def _metrics():
     return {
         "info": Gauge(
-            "credit_risk_model_info",
-            "The model version being served (value 1)",
+            "credit_risk_model_info", "1 for the model version being served, 0 once swapped out", _LABELS
+        ),
+        "fast_path": Gauge(
+            "credit_risk_fast_path",
+            "1 when the verified flat-forest evaluator scores small batches, 0 when scikit-learn does",
             _LABELS,
-            multiprocess_mode="max",
+        ),
+        "load_failures": Counter(
+            "credit_risk_model_load_failures",
+            "Attempts to load a registry version that failed (the served version kept answering)",
+            ["model", "version"],
         ),
         "rows": Counter("credit_risk_rows_scored", "Rows scored", _LABELS),
         "requests": Histogram(
@@ -52,8 +58,16 @@ def _metrics():
     }
 
 
-def model_loaded(labels: Labels) -> None:
-    _metrics()["info"].labels(*labels).set(1)
+def model_swapped(new: Labels, old: Labels | None, fast_path: bool) -> None:
+    metrics = _metrics()
+    if old is not None:
+        metrics["info"].labels(*old).set(0)
+    metrics["info"].labels(*new).set(1)
+    metrics["fast_path"].labels(*new).set(int(fast_path))
+
+
+def model_load_failed(model: str, version: str) -> None:
+    _metrics()["load_failures"].labels(model, version).inc()
 
 
 def request_scored(labels: Labels, rows: int, seconds: float) -> None:

@@ -1,144 +1,307 @@
-"""The MLServer runtime: mlserver-mlflow's runtime, made strict and traceable.
+"""The MLServer runtime: mlserver-mlflow's runtime, made strict, traceable and registry-following.
 
-MLServer 1.7 has no other hook, so this subclass is where the serving behaviour lives:
-
-- the registry URI (``models:/credit-risk-model/Production``) is resolved once, at load, to
-  a version number, and exactly that version is loaded;
-- requests are decoded strictly (``serving.v2``); bad input is a 400 naming the input;
-- the registry version and ``dataset_hash`` are in the model metadata, in every response's
-  ``parameters`` and in this runtime's Prometheus metrics;
-- request parameters the model does not declare (tritonclient's ``binary_data_output``) are
-  not forwarded to MLflow, which would warn about them on every request;
-- every answered request is appended to the capture spool (``serving.capture``) before its
+- It serves one slot, ``Served``: a loaded registry version with everything that names it.
+  ``serving.follower`` fills the slot when ``models:/credit-risk-model/Production`` moves, in
+  one assignment; each request reads the slot once, so its answer, response parameters,
+  captured record and metrics all name the same version, through a swap too.
+- Requests decode strictly into one float64 matrix (``serving.v2``) and are scored by the
+  model's own ``score`` (``model.scoring``): the same code the gate and ``mlflow models serve``
+  run, minus the DataFrames. Bad input is a 400 naming the input.
+- The registry version and ``dataset_hash`` are in the model metadata, every response's
+  ``parameters`` and this runtime's Prometheus metrics.
+- Every answered request is appended to the capture spool (``serving.capture``) before its
   response leaves, for the logging sidecar to ship.
+- Readiness (``ready``) is true only while a version is served; ``status`` says why not.
+- The earlier FastAPI design's routes live on as MLServer custom handlers on the same port:
+  ``POST /predict`` (``serving.flat_json``), ``GET /model/info`` and ``GET /health``, served
+  from the same slot and validated, counted and captured exactly like V2 inferences.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
-import mlflow
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
-from mlflow.store.artifact.utils.models import get_model_name_and_version
+from fastapi import Request
 from mlflow.tracking import MlflowClient
-from mlserver.errors import MLServerError
+from mlserver.errors import MLServerError, ModelNotReady
+from mlserver.handlers import custom_handler
 from mlserver.logging import logger
-from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
+from mlserver.types import (
+    InferenceRequest,
+    InferenceResponse,
+    MetadataModelResponse,
+    MetadataTensor,
+    Parameters,
+)
 from mlserver.utils import get_model_uri
 from mlserver_mlflow import MLflowRuntime
+from mlserver_mlflow.metadata import (
+    DefaultInputPrefix,
+    DefaultOutputPrefix,
+    to_metadata_tensors,
+    to_model_content_type,
+)
 from threadpoolctl import threadpool_limits
 
-from serving import metrics, v2
-from serving.capture import SpoolSettings, SpoolWriter, encode
+from model import scoring
+from model.schema import OUTPUT_PREDICTION, OUTPUT_PROBABILITY, InvalidFeatures
+from serving import flat_json, metrics, v2
+from serving.capture import SpoolWriter, encode
+from serving.follower import RegistryFollower
+from serving.settings import ServingSettings
 
 DATASET_HASH_KEY = "dataset_hash"
 
 
+@dataclass(frozen=True)
+class Served:
+    """One loaded registry version and everything that names it."""
+
+    version: str
+    model: scoring.LoadedModel
+    parameters: dict[str, str]  # in every response and in the metadata
+    capture_identity: dict[str, str]  # in every captured record
+    labels: metrics.Labels
+    input_names: list[str]
+    output_names: list[str]
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+    content_type: str | None
+    info: dict  # what GET /model/info says: the registry's record of this version
+
+
 class CreditRiskRuntime(MLflowRuntime):
-    """mlserver-mlflow's runtime with strict decoding, model identity and capture."""
+    """mlserver-mlflow's runtime serving whichever version the registry URI names."""
+
+    _served: Served | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._served is not None
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        """MLServer sets readiness from ``load()``; here it follows the slot instead."""
+
+    @property
+    def served_version(self) -> str | None:
+        served = self._served
+        return served.version if served else None
+
+    @property
+    def status(self) -> str:
+        follower = getattr(self, "_follower", None)
+        return follower.status if follower else "not loaded"
 
     async def load(self) -> bool:
         # One OpenMP thread per process: with more, p99 latency jumped from ~2 ms to ~700 ms
         # whenever another process was busy on the second core.
         threadpool_limits(limits=int(os.environ.get("OMP_NUM_THREADS", "1")), user_api="openmp")
-
-        configured_uri = await get_model_uri(self._settings)
-        # MLflow's own resolution of a stage, alias or version URI to one version number.
-        self._registered_name, self._registry_version = get_model_name_and_version(
-            MlflowClient(), configured_uri
+        settings = ServingSettings()
+        uri = await get_model_uri(self._settings)
+        self._spool = SpoolWriter(settings.spool) if settings.spool.directory else None
+        self._follower = RegistryFollower(
+            uri,
+            alias=settings.follow_alias(uri),
+            poll_interval_s=settings.registry_poll_s,
+            retry_min_s=settings.load_retry_min_s,
+            retry_max_s=settings.load_retry_max_s,
+            load=self._load_version,
+            swap=self._swap,
+            on_load_failure=metrics.model_load_failed,
         )
-        self._model_uri = f"models:/{self._registered_name}/{self._registry_version}"
-        self._model = mlflow.pyfunc.load_model(self._model_uri)
-        self._input_schema = self._model.metadata.get_input_schema()
-        self._signature = self._model.metadata.signature
-        self._sync_metadata()
-        self._input_names = self._input_schema.input_names()
-        self._output_names = self._signature.outputs.input_names()
-        dataset_hash = (self._model.metadata.metadata or {}).get(DATASET_HASH_KEY, "")
-        # What every response, the metadata and every captured record say about the model.
-        self._identity = {
-            "registered_model": self._registered_name,
-            "registry_version": self._registry_version,
-            "model_uri": self._model_uri,
-            DATASET_HASH_KEY: dataset_hash,
-        }
-        self._capture_identity = {
-            "model_name": self.name,
-            "registered_model": self._registered_name,
-            "model_version": self._registry_version,
-            DATASET_HASH_KEY: dataset_hash,
-        }
-        self._labels = metrics.Labels(self.name, self._registry_version, dataset_hash)
-        metrics.model_loaded(self._labels)
-        spool = SpoolSettings()
-        self._spool = SpoolWriter(spool) if spool.directory else None
-        logger.info(f"Loaded {self._model_uri} (resolved from {configured_uri}), dataset_hash {dataset_hash}")
+        self._following = asyncio.create_task(self._follower.run())
         return True
 
+    def _load_version(self, registered_name: str, version: str) -> Served:
+        """Runs in a worker thread: everything slow happens here, before the swap."""
+        model_uri = f"models:/{registered_name}/{version}"
+        model = scoring.load(model_uri)
+        signature = model.pyfunc.metadata.signature
+        dataset_hash = model.dataset_hash
+        return Served(
+            info=_registry_record(registered_name, version, model_uri, dataset_hash),
+            version=version,
+            model=model,
+            parameters={
+                "registered_model": registered_name,
+                "registry_version": version,
+                "model_uri": model_uri,
+                DATASET_HASH_KEY: dataset_hash,
+            },
+            capture_identity={
+                "model_name": self.name,
+                "registered_model": registered_name,
+                "model_version": version,
+                DATASET_HASH_KEY: dataset_hash,
+            },
+            labels=metrics.Labels(self.name, version, dataset_hash),
+            input_names=signature.inputs.input_names(),
+            output_names=signature.outputs.input_names(),
+            inputs=to_metadata_tensors(schema=signature.inputs, prefix=DefaultInputPrefix),
+            outputs=to_metadata_tensors(schema=signature.outputs, prefix=DefaultOutputPrefix),
+            content_type=to_model_content_type(schema=signature.inputs),
+        )
+
+    def _swap(self, served: Served) -> None:
+        previous, self._served = self._served, served
+        scorer = served.model.scorer
+        metrics.model_swapped(served.labels, previous.labels if previous else None, scorer.fast_path)
+        if not scorer.fast_path:
+            logger.warning(f"version {served.version}: {scorer.fast_path_status}")
+
     async def metadata(self) -> MetadataModelResponse:
-        metadata = await super().metadata()
-        metadata.versions = [self._registry_version]
-        content_type = metadata.parameters.content_type if metadata.parameters else None
-        metadata.parameters = Parameters(content_type=content_type, **self._identity)
-        return metadata
+        served = self._served
+        if served is None:
+            return MetadataModelResponse(
+                name=self.name, platform=self._settings.platform, versions=[], parameters=Parameters()
+            )
+        return MetadataModelResponse(
+            name=self.name,
+            platform=self._settings.platform,
+            versions=[served.version],
+            inputs=served.inputs,
+            outputs=served.outputs,
+            parameters=Parameters(content_type=served.content_type, **served.parameters),
+        )
+
+    def _serving(self) -> Served:
+        served = self._served  # read once: one version for the whole request
+        if served is None:
+            raise ModelNotReady(self.name)
+        return served
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        started_ns, started = time.time_ns(), time.perf_counter()
-        try:
-            features = v2.request_frame(payload, self._input_names)
-            outputs = v2.requested_outputs(payload, self._output_names)
-            predictions = self._predict(features)
-        except MLServerError:
-            metrics.request_rejected(self._labels)
-            raise
-        answer = v2.response(self.name, self._registry_version, predictions[outputs], self._identity)
-        seconds = time.perf_counter() - started
-        metrics.request_scored(self._labels, len(features), seconds)
-        if self._spool is not None:
-            self._capture(payload.id, started_ns, features, predictions, seconds)
+        served, started_ns, started = self._serving(), time.time_ns(), time.perf_counter()
+        with _counting_rejections(served):
+            values = v2.request_matrix(payload, served.input_names)
+            wanted = v2.requested_outputs(payload, served.output_names)
+            scored = _score(served, values)
+        answer = v2.response(
+            self.name, served.version, {name: scored[name] for name in wanted}, served.parameters
+        )
+        self._record(served, payload.id, started_ns, started, values, scored)
         return answer
 
-    def _predict(self, features):
-        try:
-            return self._model.predict(features)
-        except MlflowException as error:
-            if error.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE):
-                raise v2.InvalidRequest(error.message) from error
-            raise MLServerError(f"model error: {error.message}", status_code=500) from error
-        except Exception as error:
-            logger.exception("Unexpected error while scoring")
-            raise MLServerError(
-                f"unexpected {type(error).__name__} while scoring: {error}", status_code=500
-            ) from error
+    @custom_handler(rest_path="/predict", rest_method="POST")
+    async def predict_flat(self, request: Request):
+        """The earlier design's scoring route: flat JSON object(s) in, flat answers out."""
+        served, started_ns, started = self._serving(), time.time_ns(), time.perf_counter()
+        request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        with _counting_rejections(served):
+            values, batch = flat_json.request_matrix(await request.body())
+            scored = _score(served, values)
+        timestamp = datetime.fromtimestamp(started_ns / 1e9, tz=UTC).isoformat()
+        answer = flat_json.answer(
+            scored[OUTPUT_PREDICTION],
+            scored[OUTPUT_PROBABILITY],
+            served.version,
+            request_id,
+            timestamp,
+            batch,
+        )
+        self._record(served, request_id, started_ns, started, values, scored)
+        return answer
 
-    def _capture(self, request_id, started_ns, features, predictions, seconds) -> None:
+    @custom_handler(rest_path="/model/info", rest_method="GET")
+    async def model_info(self) -> dict:
+        return self._serving().info
+
+    @custom_handler(rest_path="/health", rest_method="GET")
+    async def health(self) -> dict:
+        """Liveness for the earlier design's clients (it replaces mlserver-mlflow's ``/health``,
+        which answered an empty line): always 200 while the process runs, with what it serves."""
+        served = self._served
+        return {
+            "status": "ok",
+            "model_name": self.name,
+            "model_loaded": served is not None,
+            "model_version": served.version if served else None,
+            "detail": self.status,
+        }
+
+    def _record(self, served: Served, request_id, started_ns: int, started: float, values, scored) -> None:
+        seconds = time.perf_counter() - started
+        metrics.request_scored(served.labels, len(values), seconds)
+        if self._spool is not None:
+            self._capture(served, request_id, started_ns, values, scored, seconds)
+
+    def _capture(self, served: Served, request_id, started_ns, values, scored, seconds) -> None:
         """Append the request to the spool; never let capture fail the inference."""
-        rows = len(features)
+        rows = len(values)
         try:
             line = encode(
                 request_id,
                 started_ns,
-                self._capture_identity,
-                self._input_names,
-                features.to_numpy(),
-                {name: predictions[name].to_numpy() for name in self._output_names},
+                served.capture_identity,
+                served.input_names,
+                values,
+                scored,
                 latency_ms=seconds * 1000,
             )
             kept = self._spool.append(line, rows)
         except Exception:
             logger.exception("capture: could not record a request")
             kept = False
-        metrics.request_captured(self._labels, rows, kept)
+        metrics.request_captured(served.labels, rows, kept)
 
     async def unload(self) -> bool:
+        following = getattr(self, "_following", None)
+        if following is not None:
+            following.cancel()
         if getattr(self, "_spool", None) is not None:
             self._spool.close()
-        return await super().unload()
+        return True
 
     # The inherited MLflow scoring endpoint (/invocations) would bypass the strict decoding
     # above; overriding it without @custom_handler keeps it unregistered. Use the V2 endpoint,
     # or `mlflow models serve` for the MLflow protocol.
     async def invocations(self, *args, **kwargs):
         raise v2.InvalidRequest("/invocations is not served here; use /v2/models/<name>/infer")
+
+
+@contextmanager
+def _counting_rejections(served: Served):
+    """Count a request refused for its input (an ``MLServerError``) against the served version."""
+    try:
+        yield
+    except MLServerError:
+        metrics.request_rejected(served.labels)
+        raise
+
+
+def _score(served: Served, values) -> dict:
+    try:
+        prediction, probability = served.model.score(values)
+    except InvalidFeatures as error:
+        raise v2.InvalidRequest(str(error)) from error
+    except Exception as error:
+        logger.exception("Unexpected error while scoring")
+        raise MLServerError(
+            f"unexpected {type(error).__name__} while scoring: {error}", status_code=500
+        ) from error
+    return {OUTPUT_PREDICTION: prediction, OUTPUT_PROBABILITY: probability}
+
+
+def _registry_record(registered_name: str, version: str, model_uri: str, dataset_hash: str) -> dict:
+    """The registry's record of a version, read once at load for ``GET /model/info``."""
+    client = MlflowClient()
+    found = client.get_model_version(registered_name, version)
+    metrics_ = client.get_run(found.run_id).data.metrics if found.run_id else {}
+    promoted = found.last_updated_timestamp
+    return {
+        "model_name": registered_name,
+        "model_version": version,
+        "model_stage": found.current_stage,
+        "model_uri": model_uri,
+        "run_id": found.run_id,
+        "dataset_hash": dataset_hash,
+        "metrics": metrics_,
+        "promoted_at": datetime.fromtimestamp(promoted / 1000, tz=UTC).isoformat() if promoted else None,
+    }

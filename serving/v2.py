@@ -1,8 +1,9 @@
-"""Strict translation between Open Inference (V2) tensors and the model's DataFrames.
+"""Strict translation between Open Inference (V2) tensors and the model's float64 matrix.
 
 Stock MLServer decoding pads columns of unequal length with NaN and lets type errors surface
 as 500s; here every structural problem becomes an ``InvalidRequest`` (HTTP 400) that names
-the input and what is wrong with it.
+the input and what is wrong with it. Requests decode straight into one matrix in feature
+order and responses are built from arrays: no DataFrame per request.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from mlserver.codecs import PandasCodec
 from mlserver.errors import MLServerError
-from mlserver.types import Datatype, InferenceRequest, InferenceResponse, Parameters
+from mlserver.types import Datatype, InferenceRequest, InferenceResponse, Parameters, ResponseOutput
 
 # A client must not have to guess between INT64 and FP64: every numeric type is accepted.
 NUMERIC_DATATYPES = frozenset(
@@ -63,27 +63,26 @@ def _column(name: str, datatype: Datatype | str, shape: list[int], data: Any) ->
         raise InvalidRequest(
             f"input '{name}': shape {shape} announces {shape[0]} value(s), data has {len(values)}"
         )
-    column = np.empty(len(values), dtype="float64")
-    for row, value in enumerate(values):
-        if value is None:
-            column[row] = math.nan
-        elif type(value) in (int, float):
-            try:
-                column[row] = value
-            except OverflowError:  # JSON integers are unbounded; float64 is not
-                raise InvalidRequest(
-                    f"input '{name}': row {row} is an integer too large for a 64-bit float"
-                ) from None
-        else:
-            kind = "boolean" if isinstance(value, bool) else type(value).__name__
-            raise InvalidRequest(
-                f"input '{name}': row {row} is a {kind} ({value!r}), expected a number or null"
-            )
-    return column
+    return np.array([as_number(value, f"input '{name}': row {row}") for row, value in enumerate(values)])
 
 
-def request_frame(payload: InferenceRequest, columns: Sequence[str]) -> pd.DataFrame:
-    """One float64 column per expected input, NaN where the client sent null."""
+def as_number(value: Any, where: str) -> float:
+    """A decoded JSON value as a float64: a number as it is, null as NaN, anything else refused
+    with ``where`` naming its place in the request."""
+    if value is None:
+        return math.nan
+    if type(value) in (int, float):
+        try:
+            return float(value)
+        except OverflowError:  # JSON integers are unbounded; float64 is not
+            raise InvalidRequest(f"{where} is an integer too large for a 64-bit float") from None
+    kind = "boolean" if isinstance(value, bool) else type(value).__name__
+    raise InvalidRequest(f"{where} is a {kind} ({value!r}), expected a number or null")
+
+
+def request_matrix(payload: InferenceRequest, columns: Sequence[str]) -> np.ndarray:
+    """One row per request row, one float64 column per expected input (in ``columns`` order),
+    NaN where the client sent null."""
     names = [request_input.name for request_input in payload.inputs]
     problems = []
     if duplicated := sorted({name for name in names if names.count(name) > 1}):
@@ -95,13 +94,13 @@ def request_frame(payload: InferenceRequest, columns: Sequence[str]) -> pd.DataF
     if problems:
         raise InvalidRequest("; ".join(problems) + f"; expected exactly {list(columns)}")
 
-    frame = {
+    decoded = {
         item.name: _column(item.name, item.datatype, item.shape, item.data.root) for item in payload.inputs
     }
-    lengths = {name: len(values) for name, values in frame.items()}
+    lengths = {name: len(values) for name, values in decoded.items()}
     if len(set(lengths.values())) > 1:
         raise InvalidRequest(f"inputs have unequal lengths {lengths}; every input needs one value per row")
-    return pd.DataFrame({name: frame[name] for name in columns})
+    return np.column_stack([decoded[name] for name in columns])
 
 
 def requested_outputs(payload: InferenceRequest, available: Sequence[str]) -> list[str]:
@@ -114,12 +113,28 @@ def requested_outputs(payload: InferenceRequest, available: Sequence[str]) -> li
     return names
 
 
+_OUTPUT_DATATYPES = {np.dtype("int64"): Datatype.INT64, np.dtype("float64"): Datatype.FP64}
+
+
 def response(
     model_name: str,
     model_version: str,
-    predictions: pd.DataFrame,
+    outputs: dict[str, np.ndarray],
     parameters: dict[str, str],
 ) -> InferenceResponse:
-    encoded = PandasCodec.encode_response(model_name, predictions, model_version)
-    encoded.parameters = Parameters(content_type=PandasCodec.ContentType, **parameters)
-    return encoded
+    """The response MLServer's pandas codec would give for a DataFrame of ``outputs`` (shape
+    ``[rows, 1]`` per output, ``content_type`` ``pd``), built from the arrays directly."""
+    return InferenceResponse(
+        model_name=model_name,
+        model_version=model_version,
+        parameters=Parameters(content_type=PandasCodec.ContentType, **parameters),
+        outputs=[
+            ResponseOutput(
+                name=name,
+                shape=[len(values), 1],
+                datatype=_OUTPUT_DATATYPES[values.dtype],
+                data=values.tolist(),
+            )
+            for name, values in outputs.items()
+        ],
+    )

@@ -62,10 +62,11 @@ def up(args) -> int:
     result = train(TrainingSettings(**({"data": args.data} if args.data else {})))
     print(summary(result))
 
-    if result.promoted:  # a running MLServer keeps the version it loaded
-        processes.stop(stack.serving, stack.state_dir)
     with stage(f"MLServer on {stack.infer_url}"):
         print(f"  {stack.ensure_running(stack.serving, timeout=180)}")
+        if result.promoted:  # a running server swaps to it by itself, within seconds
+            processes.wait_serving(stack.serving, result.model_version, timeout=120)
+            print(f"  serving version {result.model_version}")
     with stage(f"Logging sidecar on {stack.sidecar.health_url}"):
         print(f"  {stack.ensure_running(stack.sidecar, timeout=60)}")
 

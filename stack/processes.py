@@ -90,6 +90,22 @@ def wait_healthy(service: Service, process: subprocess.Popen | None, state_dir: 
     )
 
 
+def wait_serving(service: Service, version: str, timeout: float) -> None:
+    """Wait until a serving process reports ``version`` as the one it serves."""
+    deadline = time.monotonic() + timeout
+    status = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(service.health_url, timeout=2).json()
+            if answer.get("version") == version and answer.get("ready"):
+                return
+            status = answer.get("status", answer)
+        except (httpx.HTTPError, ValueError) as error:
+            status = str(error)
+        time.sleep(0.5)
+    raise ServiceError(f"{service.name} is not serving version {version} after {timeout:.0f} s: {status}")
+
+
 def running_pid(service: Service, state_dir: Path) -> int | None:
     try:
         pid = int(service.pid_path(state_dir).read_text())

@@ -43,13 +43,12 @@ def serving(
     *,
     grpc_port: int | None = None,
     metrics_port: int | None = None,
-    workers: int | None = None,
     name: str = "serving",
     **env: str,
 ) -> Service:
-    """``credit-risk serve``; ports and workers left out keep MLServer's (or MLSERVER_*) values."""
+    """``credit-risk serve``; ports left out keep MLServer's (or MLSERVER_*) values."""
     command = [str(_BIN / "credit-risk"), "serve", "--http-port", str(http_port)]
-    for flag, value in (("--grpc-port", grpc_port), ("--metrics-port", metrics_port), ("--workers", workers)):
+    for flag, value in (("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
         if value is not None:
             command += [flag, str(value)]
     health = f"http://{LOOPBACK}:{http_port}/v2/health/ready"

@@ -53,16 +53,17 @@ def credit_risk(*args: str, tracking_uri: str, timeout: float = 900, **env) -> s
     )
 
 
-def serving_service(tracking_uri: str, name: str = "serving", workers: int = 1, **env):
-    """MLServer on three free ports."""
+def serving_service(tracking_uri: str, name: str = "serving", workers: int = 0, **env):
+    """``credit-risk serve`` on three free ports. ``workers`` other than 0 is refused by the
+    server (one process follows the registry); it is here so that a test can check that."""
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     service = services.serving(
         tracking_uri,
         ports["http"],
         grpc_port=ports["grpc"],
         metrics_port=ports["metrics"],
-        workers=workers,
         name=name,
+        MLSERVER_PARALLEL_WORKERS=str(workers),
         **env,
     )
     return service, ports

@@ -4,7 +4,7 @@ import pytest
 from mlserver.types import InferenceRequest
 
 from model.schema import FEATURES
-from serving.v2 import InvalidRequest, request_frame, requested_outputs
+from serving.v2 import InvalidRequest, request_matrix, requested_outputs, response
 
 
 def payload(overrides=None, drop=(), extra=None):
@@ -19,8 +19,8 @@ def payload(overrides=None, drop=(), extra=None):
     return InferenceRequest.model_validate({"inputs": items})
 
 
-def test_ints_floats_and_nulls_become_float64_nan():
-    frame = request_frame(
+def test_ints_floats_and_nulls_become_float64_nan_in_feature_order():
+    matrix = request_matrix(
         payload(
             {
                 "age": {"datatype": "INT64", "data": [40, None]},
@@ -29,9 +29,10 @@ def test_ints_floats_and_nulls_become_float64_nan():
         ),
         FEATURES,
     )
-    assert list(frame.columns) == list(FEATURES)
-    assert frame["age"].iloc[0] == 40.0 and math.isnan(frame["age"].iloc[1])
-    assert frame["DebtRatio"].tolist() == [0.5, 1.0]
+    assert matrix.dtype == "float64" and matrix.shape == (2, len(FEATURES))
+    age, debt_ratio = FEATURES.index("age"), FEATURES.index("DebtRatio")
+    assert matrix[0, age] == 40.0 and math.isnan(matrix[1, age])
+    assert matrix[:, debt_ratio].tolist() == [0.5, 1.0]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +62,7 @@ def test_ints_floats_and_nulls_become_float64_nan():
 )
 def test_bad_requests_name_the_input_and_the_problem(request_, message):
     with pytest.raises(InvalidRequest) as error:
-        request_frame(request_, FEATURES)
+        request_matrix(request_, FEATURES)
     assert message in str(error.value)
     assert error.value.status_code == 400
 
@@ -69,7 +70,7 @@ def test_bad_requests_name_the_input_and_the_problem(request_, message):
 def test_duplicated_inputs_are_refused():
     request_ = payload(extra=[{"name": "age", "shape": [2], "datatype": "FP64", "data": [1, 2]}])
     with pytest.raises(InvalidRequest, match=r"\['age'\] given more than once"):
-        request_frame(request_, FEATURES)
+        request_matrix(request_, FEATURES)
 
 
 def test_requested_outputs():
@@ -85,3 +86,16 @@ def test_invalid_request_survives_pickling_between_workers():
 
     error = pickle.loads(pickle.dumps(InvalidRequest("input 'age': bad")))
     assert error.status_code == 400 and str(error) == "input 'age': bad"
+
+
+def test_response_is_what_the_pandas_codec_gives_for_the_same_outputs():
+    import numpy as np
+    import pandas as pd
+    from mlserver.codecs import PandasCodec
+
+    outputs = {"prediction": np.array([1, 0]), "probability": np.array([0.4, 0.1])}
+    built = response("credit-risk", "3", outputs, {"registry_version": "3"})
+    expected = PandasCodec.encode_response("credit-risk", pd.DataFrame(outputs), "3")
+    assert built.outputs == expected.outputs
+    assert built.parameters.content_type == expected.parameters.content_type == "pd"
+    assert built.parameters.model_extra == {"registry_version": "3"}

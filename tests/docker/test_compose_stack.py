@@ -157,3 +157,29 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
         first |= more
         records = compose.wait_for_records(first)
         assert len(records) == 2 * len(first), how  # nothing lost, nothing twice
+
+
+def _started_at(compose: Compose, service: str) -> str:
+    container = compose.run("ps", "--quiet", service).stdout.strip()
+    inspect = subprocess.run(["docker", "inspect", container], capture_output=True, text=True, check=True)
+    return json.loads(inspect.stdout)[0]["State"]["StartedAt"]
+
+
+def test_a_promotion_while_up_is_served_without_a_restart(compose):
+    """The stack is up (previous test); a second trainer run promotes version 2 and the
+    running server swaps to it by itself."""
+    started = _started_at(compose, "serving")
+    trained = compose.run(
+        "run", "--rm", "--no-TTY", "trainer", "credit-risk", "train", "--retrain", "--set", "max_iter=60", "--force-promote",
+        timeout=900,
+    )  # fmt: skip
+    assert "version 2 (stage Production)" in trained.stdout, trained.stdout
+    deadline = time.monotonic() + 60
+    while (answer := compose.infer(f"docker-{uuid.uuid4().hex}"))["model_version"] != "2":
+        assert time.monotonic() < deadline, answer
+        time.sleep(1)
+    assert _started_at(compose, "serving") == started  # same container, no restart
+    request_id = f"docker-{uuid.uuid4().hex}"
+    compose.infer(request_id)
+    records = compose.wait_for_records({request_id})
+    assert set(records.loc[records["request_id"] == request_id, "model_version"]) == {"2"}

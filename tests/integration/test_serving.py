@@ -215,3 +215,95 @@ def test_tritonclient_http(mlserver, rows):
     assert plain.as_numpy("probability").ravel().tolist() == np.ravel(expected["probability"]).tolist()
     log = mlserver["log"].read_text()
     assert "binary_data_output" not in log and "Unrecognized params" not in log
+
+
+def flat(frame: pd.DataFrame, underscores=False) -> list[dict]:
+    rows = []
+    for _, row in frame.iterrows():
+        rows.append(
+            {
+                (name.replace("-", "_") if underscores else name): (None if math.isnan(v) else v)
+                for name, v in row.items()
+            }
+        )
+    return rows
+
+
+def predict_flat(mlserver, body, **kwargs) -> httpx.Response:
+    return httpx.post(f"{mlserver['url']}/predict", json=body, timeout=30, **kwargs)
+
+
+def test_seed_predict_answers_like_v2_with_either_spelling(mlserver, rows):
+    expected = outputs(infer(mlserver, v2_body(rows.head(5))))
+    probabilities = np.ravel(expected["probability"]).tolist()
+    predictions = np.ravel(expected["prediction"]).tolist()
+    for underscores in (False, True):
+        single = predict_flat(
+            mlserver, flat(rows.head(1), underscores)[0], headers={"X-Request-ID": "seed-1"}
+        )
+        assert single.status_code == 200, single.text
+        answer = single.json()
+        assert set(answer) == {"prediction", "probability", "model_version", "request_id", "timestamp"}
+        assert (answer["probability"], answer["prediction"]) == (probabilities[0], predictions[0])
+        assert answer["request_id"] == "seed-1" and answer["timestamp"].endswith("+00:00")
+        batch = predict_flat(mlserver, flat(rows.head(5), underscores))
+        assert batch.status_code == 200, batch.text
+        assert [a["probability"] for a in batch.json()] == probabilities
+        assert [a["prediction"] for a in batch.json()] == predictions
+        assert len({a["request_id"] for a in batch.json()}) == 1
+
+
+SEED_BAD_INPUTS = {
+    "unknown field": (lambda r: {**r, "Income": 1}, "unknown field 'Income'"),
+    "missing field": (lambda r: {k: v for k, v in r.items() if k != "age"}, "missing field(s) ['age']"),
+    "string": (lambda r: {**r, "age": "forty"}, "field 'age' is a str ('forty')"),
+    "negative": (lambda r: {**r, "NumberOfDependents": -1}, "NumberOfDependents: must be >= 0"),
+    "both spellings": (
+        lambda r: {**r, "NumberOfTime30_59DaysPastDueNotWorse": 0},
+        "field 'NumberOfTime30-59DaysPastDueNotWorse' given twice",
+    ),
+    "a batch row": (lambda r: [r, {**r, "age": True}], "row 1: field 'age' is a boolean"),
+    "empty batch": (lambda r: [], "an empty list has nothing to score"),
+    "not an object": (lambda r: 42, "expected a JSON object of the ten features"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEED_BAD_INPUTS))
+def test_seed_predict_bad_input_is_400_naming_the_field(mlserver, rows, case):
+    build, message = SEED_BAD_INPUTS[case]
+    response = predict_flat(mlserver, build(flat(rows.head(1))[0]))
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+def test_seed_predict_refuses_a_body_that_is_not_json(mlserver):
+    response = httpx.post(f"{mlserver['url']}/predict", content=b"{nope", timeout=10)
+    assert response.status_code == 400 and "not JSON" in response.json()["error"]
+
+
+def test_seed_model_info_and_health_describe_the_served_version(mlserver, tracking_uri, sample_path):
+    version = production_version(MlflowClient(tracking_uri))
+    info = httpx.get(f"{mlserver['url']}/model/info", timeout=10).json()
+    assert info["model_name"] == "credit-risk-model" and info["model_version"] == version.version
+    assert info["model_stage"] == "Production" and info["run_id"] == version.run_id
+    assert info["model_uri"] == f"models:/credit-risk-model/{version.version}"
+    assert info["dataset_hash"] == sha256_of_file(sample_path)
+    assert 0.5 < info["metrics"]["test_roc_auc"] <= 1 and info["promoted_at"]
+    health = httpx.get(f"{mlserver['url']}/health", timeout=10)
+    assert health.status_code == 200
+    assert health.json()["model_loaded"] is True and health.json()["model_version"] == version.version
+
+
+def test_seed_rejections_are_counted_like_v2(mlserver, rows):
+    def rejected() -> float:
+        text = httpx.get(f"http://127.0.0.1:{mlserver['metrics']}/metrics", timeout=10).text
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("credit_risk_requests_rejected_total{")
+        )
+
+    before = rejected()
+    assert predict_flat(mlserver, {"age": "x"}).status_code == 400
+    assert infer(mlserver, {"inputs": []}).status_code == 400
+    assert rejected() == before + 2

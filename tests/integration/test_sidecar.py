@@ -58,7 +58,7 @@ class Stack:
     def start_mlflow(self):
         self.start("mlflow", self.mlflow)
 
-    def start_mlserver(self, workers=1, **env):
+    def start_mlserver(self, workers=0, **env):
         service, ports = serving_service(
             self.tracking_uri,
             name=f"serving-{uuid.uuid4().hex[:6]}",
@@ -129,7 +129,7 @@ def stack(tmp_path_factory, sample_path):
 
 
 def test_every_answered_row_is_one_record_field_by_field(stack):
-    stack.start_mlserver(workers=1)
+    stack.start_mlserver()
     stack.start_sidecar()
     stack.send(30, rows=1)
     stack.send(10, rows=5, with_id=False)  # the server generates the ids
@@ -154,7 +154,7 @@ def test_every_answered_row_is_one_record_field_by_field(stack):
 
 def test_capture_works_without_worker_processes(stack):
     stack.kill("mlserver", signal.SIGTERM)
-    stack.start_mlserver(workers=0)
+    stack.start_mlserver()
     stack.send(20)
     stack.wait_shipped()
     stack.assert_exactly_once()
@@ -213,7 +213,7 @@ def test_sidecar_killed_in_the_middle_of_a_flush(stack):
 def test_records_answered_before_an_mlserver_crash_are_shipped(stack):
     stack.send(25)
     stack.kill("mlserver", signal.SIGKILL)
-    stack.start_mlserver(workers=1)
+    stack.start_mlserver()
     stack.send(5)
     stack.wait_shipped()
     stack.assert_exactly_once()
@@ -222,7 +222,7 @@ def test_records_answered_before_an_mlserver_crash_are_shipped(stack):
 def test_full_spool_never_fails_inference(stack):
     stack.kill("mlserver", signal.SIGTERM)
     stack.kill("sidecar", signal.SIGTERM)  # nobody empties the spool now
-    stack.start_mlserver(workers=1, CREDIT_RISK_SPOOL_MAX_BYTES="1")
+    stack.start_mlserver(CREDIT_RISK_SPOOL_MAX_BYTES="1")
     stack.send(10)  # asserts every one was answered 200
     metrics = httpx.get(stack.metrics_url, timeout=10).text
     dropped = [
