@@ -45,23 +45,28 @@ class FlatForest:
         self._missing_left = nodes["missing_go_to_left"].astype(bool)
         self._is_leaf = nodes["is_leaf"].astype(bool)
         self._value = nodes["value"].astype(np.float64)
-        # Leaves point to themselves, so rows that reached one simply stay there.
+        # Node i's children sit at 2i (right) and 2i + 1 (left), so that one gather at
+        # 2i + go_left moves a row on. Leaves point to themselves: rows that reached one stay.
         own = np.arange(len(nodes), dtype=np.intp)
-        self._left = np.where(self._is_leaf, own, nodes["left"].astype(np.intp) + shift)
-        self._right = np.where(self._is_leaf, own, nodes["right"].astype(np.intp) + shift)
+        left = np.where(self._is_leaf, own, nodes["left"].astype(np.intp) + shift)
+        right = np.where(self._is_leaf, own, nodes["right"].astype(np.intp) + shift)
+        self._children = np.column_stack([right, left]).ravel()
         self._depth = int(nodes["depth"].max())
         self._baseline = float(np.asarray(classifier._baseline_prediction).ravel()[0])
         self._loss = classifier._loss
 
     def raw_predict(self, X: np.ndarray) -> np.ndarray:
-        rows = np.arange(X.shape[0])[:, None]
+        # Every split of every tree decided at once (a handful of numpy calls, whatever the
+        # depth), then each row walks down its trees by table lookups.
+        values = X[:, self._feature]
+        with np.errstate(invalid="ignore"):
+            go_left = values <= self._threshold  # False for NaN ...
+        go_left |= np.isnan(values) & self._missing_left  # ... which goes where training sent it
+        decisions = go_left.view(np.uint8).ravel()
+        row_start = (np.arange(X.shape[0], dtype=np.intp) * len(self._feature))[:, None]
         node = np.broadcast_to(self._roots, (X.shape[0], len(self._roots)))
         for _ in range(self._depth):
-            values = X[rows, self._feature[node]]
-            missing = np.isnan(values)
-            with np.errstate(invalid="ignore"):
-                go_left = np.where(missing, self._missing_left[node], values <= self._threshold[node])
-            node = np.where(go_left, self._left[node], self._right[node])
+            node = self._children[2 * node + decisions[row_start + node]]
         leaves = self._value[node]
         start = np.full((X.shape[0], 1), self._baseline)
         return np.cumsum(np.hstack([start, leaves]), axis=1)[:, -1]

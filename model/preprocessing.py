@@ -42,6 +42,7 @@ CLIPPED: tuple[str, ...] = (*HEAVY_TAILED, MONTHLY_DEBT)
 
 _OUTPUT: tuple[str, ...] = (*FEATURES, *ENGINEERED)
 _COLUMN = {name: index for index, name in enumerate(_OUTPUT)}
+_PAST_DUE_COLUMNS = [_COLUMN[name] for name in PAST_DUE_COUNTS]
 
 
 class CreditFeatureEngineer(TransformerMixin, BaseEstimator):
@@ -103,9 +104,10 @@ class CreditFeatureEngineer(TransformerMixin, BaseEstimator):
         (columns in ``FEATURES`` order). Serving calls this once per request: scikit-learn's
         input validation in ``transform`` costs more than the engineering itself."""
         features = self._engineer(values)
-        for name, upper in self.clip_upper_.items():
-            column = _COLUMN[name]
-            features[:, column] = np.minimum(features[:, column], upper)  # NaN stays NaN
+        if self.clip_upper_:
+            columns = [_COLUMN[name] for name in self.clip_upper_]
+            upper = np.fromiter(self.clip_upper_.values(), dtype=np.float64, count=len(columns))
+            features[:, columns] = np.minimum(features[:, columns], upper)  # NaN stays NaN
         return features
 
     def get_feature_names_out(self, input_features=None):
@@ -135,9 +137,9 @@ class CreditFeatureEngineer(TransformerMixin, BaseEstimator):
 
         # 96/98 are the bureau's "unknown"/"refused" codes, not counts: left in, they would
         # dominate any sum of counts. The flag keeps their (high, ~55 %) default rate visible.
-        past_due = [_COLUMN[name] for name in PAST_DUE_COUNTS]
-        is_code = np.isin(X[:, past_due], PAST_DUE_SPECIAL_CODES)
-        out[:, past_due] = np.where(is_code, np.nan, X[:, past_due])
+        past_due = X[:, _PAST_DUE_COLUMNS]
+        is_code = np.logical_or.reduce([past_due == code for code in PAST_DUE_SPECIAL_CODES])
+        out[:, _PAST_DUE_COLUMNS] = np.where(is_code, np.nan, past_due)
         out[:, _COLUMN[PAST_DUE_CODE]] = is_code.any(axis=1)
 
         age = out[:, _COLUMN[_AGE]]

@@ -61,7 +61,7 @@ class RegistryFollower:
         self._failures: dict[str, _Failure] = {}
         self._divergence: str | None = None
         self.served: str | None = None
-        self.status = f"waiting for the first look at {uri}"
+        self.status = f"asking the registry at {MlflowClient().tracking_uri} which version {uri} names"
 
     async def run(self) -> None:
         while True:

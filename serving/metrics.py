@@ -70,15 +70,24 @@ def model_load_failed(model: str, version: str) -> None:
     _metrics()["load_failures"].labels(model, version).inc()
 
 
-def request_scored(labels: Labels, rows: int, seconds: float) -> None:
-    metrics = _metrics()
-    metrics["rows"].labels(*labels).inc(rows)
-    metrics["requests"].labels(*labels).observe(seconds)
+class Meters:
+    """The per-request metrics of one served version, labelled once when it is swapped in
+    rather than looked up by label on every request."""
 
+    def __init__(self, labels: Labels):
+        metrics = _metrics()
+        self._rows = metrics["rows"].labels(*labels)
+        self._requests = metrics["requests"].labels(*labels)
+        self._rejected = metrics["rejected"].labels(*labels)
+        self._captured = metrics["captured"].labels(*labels)
+        self._dropped = metrics["dropped"].labels(*labels)
 
-def request_rejected(labels: Labels) -> None:
-    _metrics()["rejected"].labels(*labels).inc()
+    def scored(self, rows: int, seconds: float) -> None:
+        self._rows.inc(rows)
+        self._requests.observe(seconds)
 
+    def rejected(self) -> None:
+        self._rejected.inc()
 
-def request_captured(labels: Labels, rows: int, kept: bool) -> None:
-    _metrics()["captured" if kept else "dropped"].labels(*labels).inc(rows)
+    def captured(self, rows: int, kept: bool) -> None:
+        (self._captured if kept else self._dropped).inc(rows)

@@ -68,6 +68,7 @@ class Served:
     parameters: dict[str, str]  # in every response and in the metadata
     capture_identity: dict[str, str]  # in every captured record
     labels: metrics.Labels
+    meters: metrics.Meters
     input_names: list[str]
     output_names: list[str]
     inputs: list[MetadataTensor]
@@ -125,6 +126,7 @@ class CreditRiskRuntime(MLflowRuntime):
         model = scoring.load(model_uri)
         signature = model.pyfunc.metadata.signature
         dataset_hash = model.dataset_hash
+        labels = metrics.Labels(self.name, version, dataset_hash)
         return Served(
             info=_registry_record(registered_name, version, model_uri, dataset_hash),
             version=version,
@@ -141,7 +143,8 @@ class CreditRiskRuntime(MLflowRuntime):
                 "model_version": version,
                 DATASET_HASH_KEY: dataset_hash,
             },
-            labels=metrics.Labels(self.name, version, dataset_hash),
+            labels=labels,
+            meters=metrics.Meters(labels),
             input_names=signature.inputs.input_names(),
             output_names=signature.outputs.input_names(),
             inputs=to_metadata_tensors(schema=signature.inputs, prefix=DefaultInputPrefix),
@@ -228,7 +231,7 @@ class CreditRiskRuntime(MLflowRuntime):
 
     def _record(self, served: Served, request_id, started_ns: int, started: float, values, scored) -> None:
         seconds = time.perf_counter() - started
-        metrics.request_scored(served.labels, len(values), seconds)
+        served.meters.scored(len(values), seconds)
         if self._spool is not None:
             self._capture(served, request_id, started_ns, values, scored, seconds)
 
@@ -249,7 +252,7 @@ class CreditRiskRuntime(MLflowRuntime):
         except Exception:
             logger.exception("capture: could not record a request")
             kept = False
-        metrics.request_captured(served.labels, rows, kept)
+        served.meters.captured(rows, kept)
 
     async def unload(self) -> bool:
         following = getattr(self, "_following", None)
@@ -272,7 +275,7 @@ def _counting_rejections(served: Served):
     try:
         yield
     except MLServerError:
-        metrics.request_rejected(served.labels)
+        served.meters.rejected()
         raise
 
 

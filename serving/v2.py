@@ -43,18 +43,23 @@ class InvalidRequest(MLServerError):
         super().__init__(message, status_code=400)
 
 
+_NUMERIC_NAMES = frozenset(datatype.value for datatype in NUMERIC_DATATYPES)
+# What JSON numbers and null decode to: anything else in a numeric input is refused.
+_PLAIN = frozenset({int, float, type(None)})
+
+
 def _flatten(data: Any) -> list:
     if isinstance(data, list) and any(isinstance(item, list) for item in data):
         return [value for item in data for value in _flatten(item)]
     return data if isinstance(data, list) else [data]
 
 
-def _column(name: str, datatype: Datatype | str, shape: list[int], data: Any) -> np.ndarray:
-    datatype = Datatype(datatype)  # MLServer's request model keeps the plain string
-    if datatype not in NUMERIC_DATATYPES:
+def _values(name: str, datatype: Datatype | str, shape: list[int], data: Any) -> list:
+    """The input's values, flat, once its datatype and shape are known to fit one column."""
+    datatype = getattr(datatype, "value", datatype)  # MLServer's request model keeps the plain string
+    if datatype not in _NUMERIC_NAMES:
         raise InvalidRequest(
-            f"input '{name}': datatype {datatype.value} is not numeric; send INT64 or FP64 "
-            "(null for a missing value)"
+            f"input '{name}': datatype {datatype} is not numeric; send INT64 or FP64 (null for a missing value)"
         )
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
         raise InvalidRequest(f"input '{name}': shape {shape} is not [rows] or [rows, 1]")
@@ -63,7 +68,7 @@ def _column(name: str, datatype: Datatype | str, shape: list[int], data: Any) ->
         raise InvalidRequest(
             f"input '{name}': shape {shape} announces {shape[0]} value(s), data has {len(values)}"
         )
-    return np.array([as_number(value, f"input '{name}': row {row}") for row, value in enumerate(values)])
+    return values
 
 
 def as_number(value: Any, where: str) -> float:
@@ -83,7 +88,26 @@ def as_number(value: Any, where: str) -> float:
 def request_matrix(payload: InferenceRequest, columns: Sequence[str]) -> np.ndarray:
     """One row per request row, one float64 column per expected input (in ``columns`` order),
     NaN where the client sent null."""
-    names = [request_input.name for request_input in payload.inputs]
+    by_name = {item.name: item for item in payload.inputs}
+    if len(by_name) != len(payload.inputs) or by_name.keys() != set(columns):
+        raise InvalidRequest(_mismatch([item.name for item in payload.inputs], columns))
+    decoded = [(name, _values(name, item.datatype, item.shape, item.data.root))
+               for name, item in ((name, by_name[name]) for name in columns)]  # fmt: skip
+    lengths = {name: len(values) for name, values in decoded}
+    if len(set(lengths.values())) > 1:
+        raise InvalidRequest(f"inputs have unequal lengths {lengths}; every input needs one value per row")
+    flat = [value for _, values in decoded for value in values]
+    if all(type(value) in _PLAIN for value in flat):  # the common case: one numpy call
+        try:
+            return np.array(flat, dtype=np.float64).reshape(len(columns), -1).T
+        except OverflowError:
+            pass  # an integer beyond float64: found and named below
+    checked = [[as_number(value, f"input '{name}': row {row}") for row, value in enumerate(values)]
+               for name, values in decoded]  # fmt: skip
+    return np.array(checked, dtype=np.float64).T
+
+
+def _mismatch(names: list[str], columns: Sequence[str]) -> str:
     problems = []
     if duplicated := sorted({name for name in names if names.count(name) > 1}):
         problems.append(f"input(s) {duplicated} given more than once")
@@ -91,16 +115,7 @@ def request_matrix(payload: InferenceRequest, columns: Sequence[str]) -> np.ndar
         problems.append(f"unknown input(s) {unknown}")
     if missing := [name for name in columns if name not in names]:
         problems.append(f"missing input(s) {missing}")
-    if problems:
-        raise InvalidRequest("; ".join(problems) + f"; expected exactly {list(columns)}")
-
-    decoded = {
-        item.name: _column(item.name, item.datatype, item.shape, item.data.root) for item in payload.inputs
-    }
-    lengths = {name: len(values) for name, values in decoded.items()}
-    if len(set(lengths.values())) > 1:
-        raise InvalidRequest(f"inputs have unequal lengths {lengths}; every input needs one value per row")
-    return np.column_stack([decoded[name] for name in columns])
+    return "; ".join(problems) + f"; expected exactly {list(columns)}"
 
 
 def requested_outputs(payload: InferenceRequest, available: Sequence[str]) -> list[str]:

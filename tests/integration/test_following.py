@@ -162,21 +162,28 @@ def _register_unloadable(uri: str) -> str:
     return version.version
 
 
-def test_started_before_any_model_is_alive_not_ready_then_serves(tmp_path, sample_path, body):
-    own = tmp_path / "registry"
+def test_started_before_mlflow_and_any_model_is_alive_not_ready_then_serves(tmp_path, sample_path, body):
     port = free_port()
-    mlflow_service = services.mlflow(own, port=port)
+    mlflow_service = services.mlflow(tmp_path / "registry", port=port)
     uri = services.tracking_uri(port)
-    mlflow_process = processes.start(mlflow_service, tmp_path)
-    server = None
+    server = Server(uri, tmp_path, CREDIT_RISK_REGISTRY_POLL_S="1")  # MLflow is not up yet
+    mlflow_process = None
     try:
-        processes.wait_healthy(mlflow_service, mlflow_process, tmp_path, 120)
-        server = Server(uri, tmp_path, CREDIT_RISK_REGISTRY_POLL_S="1")
-        time.sleep(2)  # a few looks at an empty registry
-        answer = server.ready()
-        assert answer.status_code == 503, answer.text
-        assert "nothing to serve yet" in answer.json()["status"], answer.text
+        unreachable = f"cannot read models:/credit-risk-model/Production from the registry at {uri}"
+        deadline = time.monotonic() + 30
+        while unreachable not in (answer := server.ready()).json()["status"]:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.5)
+        assert answer.status_code == 503
         assert server.infer(body).status_code == 400  # MLServer's "not ready yet", not a 500
+
+        mlflow_process = processes.start(mlflow_service, tmp_path)
+        processes.wait_healthy(mlflow_service, mlflow_process, tmp_path, 120)
+        deadline = time.monotonic() + 30
+        while "nothing to serve yet" not in (answer := server.ready()).json()["status"]:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.5)
+        assert answer.status_code == 503
         with grpc.insecure_channel(f"127.0.0.1:{server.ports['grpc']}") as channel:
             assert not GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest()).ready
 
@@ -187,9 +194,9 @@ def test_started_before_any_model_is_alive_not_ready_then_serves(tmp_path, sampl
         assert answer.status_code == 200 and answer.json()["model_version"] == "1"
         assert server.process.poll() is None
     finally:
-        if server:
-            server.stop()
-        processes.terminate(mlflow_process.pid)
+        server.stop()
+        if mlflow_process is not None:
+            processes.terminate(mlflow_process.pid)
 
 
 @pytest.fixture(scope="module")
