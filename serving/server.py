@@ -183,6 +183,15 @@ class CreditRiskServer(MLServer):
         except ModelNotFound:
             return None
 
+    async def stop(self, sig: int | None = None) -> None:
+        """Once, however many times it is asked: uvicorn (0.54) captures SIGTERM for each of
+        its two servers and raises it again after its own shutdown, so MLServer's handler
+        would otherwise run once per server."""
+        if getattr(self, "_stopping", False):
+            return
+        self._stopping = True
+        await super().stop(sig)
+
     async def start(self, models_settings=None) -> None:
         """Serve until stopped; raise if the model cannot even be set up (bad configuration)."""
         servers = [self._rest_server.start(), self._grpc_server.start()]
