@@ -199,11 +199,15 @@ def _held_out_scores(client, version) -> dict:
     from training import registry
 
     scores = {"version_tag": version.tags.get(registry.TEST_ROC_AUC_TAG), "run_id": version.run_id}
+    metrics = {}
     try:
-        metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+        if version.run_id:
+            run = client.get_run(version.run_id)
+            metrics = run.data.metrics
+            route = f"experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            scores["run_url"] = registry.ui_url(client.tracking_uri, route)
     except MlflowException as error:
         scores["run_error"] = error.message
-        metrics = {}
     scores["run_metrics"] = {
         name: value for name, value in sorted(metrics.items()) if name.startswith("test_")
     }
@@ -296,6 +300,7 @@ def format_status(report: dict) -> str:
             + (f"v{report['alias']['version']}" if report["alias"]["version"] else "not set"),
             f"  dataset hash     {production['dataset_hash'] or 'not recorded'}",
             f"  held-out scores  {_scores_line(production['held_out'])}",
+            f"  run in the UI    {production['held_out'].get('run_url') or 'no link'}",
             f"  promoted         {_promotion_line(record) if record else 'no promotion record'}",
         ]
     target = report["rollback_target"]

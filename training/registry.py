@@ -51,6 +51,9 @@ TEST_ROC_AUC_TAG = "test_roc_auc"
 # (``EXPERIMENT_KIND_TAG_KEY`` and ``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT`` in its source).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+# The 3.17 UI opens every experiment in the view chosen by its "GenAI | Model training" switch
+# (GenAI in a new browser), whatever the tag says, unless the address asks for one.
+UI_MODEL_TRAINING_QUERY = "workflowType=machine_learning"
 
 # Who promotes, when the default (user@host) is not the right name, e.g. in CI or a container.
 ACTOR_VARIABLE = "CREDIT_RISK_ACTOR"
@@ -139,6 +142,14 @@ def model_training_experiment(client: MlflowClient, name: str) -> str:
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return experiment.experiment_id
+
+
+def ui_url(tracking_uri: str, route: str) -> str | None:
+    """A link to ``route`` (e.g. ``experiments/1/runs/<id>``) in the MLflow UI served at
+    ``tracking_uri`` that opens in the model-training view; None if it is not a server."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/{route.strip('/')}?{UI_MODEL_TRAINING_QUERY}"
 
 
 # --- Promotion history ----------------------------------------------------------------------

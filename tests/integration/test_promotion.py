@@ -387,3 +387,8 @@ def test_status_shows_what_a_live_server_serves(fresh, capsys, monkeypatch, trai
         float(production["held_out"]["version_tag"]), abs=1e-6
     )
     assert [(r["version"], r["stage"]) for r in report["history"]] == [("2", "Production"), ("1", "Archived")]
+    run = client.get_run(client.get_model_version(NAME, "2").run_id)
+    assert production["held_out"]["run_url"] == (
+        f"{trained_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        "?workflowType=machine_learning"
+    )
