@@ -2,7 +2,8 @@
 is in it, recorded in and read from the registry (``training.registry``).
 
 Exit codes: 0 done (or nothing to do), 1 refused or failed (the registry is unchanged),
-2 bad arguments.
+2 bad arguments. MLflow and the registry module are imported inside the commands, so that
+`credit-risk --help` stays fast.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import sys
 
 import httpx
-from mlflow.utils.validation import MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
 from mlserver.settings import Settings
 
 from serving.settings import MODEL_NAME
@@ -76,6 +76,8 @@ def _version_number(text: str) -> str:
 
 
 def _reason(text: str | None) -> str:
+    from mlflow.utils.validation import MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
+
     text = (text or "").strip()
     if len(text) > MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH:
         raise ValueError(
@@ -124,8 +126,8 @@ def run_promote(args) -> int:
         return 0
     _warn(state.outside_changes())
     _warn(f"{text}; promote moves both to v{version}" for text in state.divergences())
-    rows = registry.check_servable(version)
-    print(f"Checked v{version}: it loads as serving loads it and scored {rows} rows of its input example")
+    scored = registry.check_servable(version)
+    print(f"Checked v{version}: it loads as serving loads it and scored {scored}")
     promotion = registry.promote(client, version, reason=reason, source="cli")
     archived = f"v{promotion.previous} archived" if promotion.previous else "nothing to archive"
     print(
@@ -150,8 +152,8 @@ def run_rollback(args) -> int:
         f"and both move to v{target}"
         for text in state.divergences()
     )
-    rows = registry.check_servable(target)
-    print(f"Checked v{target}: it loads as serving loads it and scored {rows} rows of its input example")
+    scored = registry.check_servable(target)
+    print(f"Checked v{target}: it loads as serving loads it and scored {scored}")
     undone, new = registry.rollback(client, reason=reason, expected=target)
     print(
         f"Rolled back {registry.REGISTERED_MODEL_NAME}: {registry.PRODUCTION_STAGE} "
@@ -175,7 +177,7 @@ def probe_server(url: str) -> dict:
         ready = httpx.get(f"{url}/v2/health/ready", timeout=_SERVER_TIMEOUT_S)
         metadata = httpx.get(f"{url}/v2/models/{MODEL_NAME}", timeout=_SERVER_TIMEOUT_S)
     except httpx.HTTPError as error:
-        found["detail"] = f"unreachable: {error or type(error).__name__}"
+        found["detail"] = f"unreachable: {str(error) or type(error).__name__}"
         return found
     found["reachable"] = True
     found["ready"] = ready.status_code == 200
@@ -301,7 +303,7 @@ def format_status(report: dict) -> str:
             f"  dataset hash     {production['dataset_hash'] or 'not recorded'}",
             f"  held-out scores  {_scores_line(production['held_out'])}",
             f"  run in the UI    {production['held_out'].get('run_url') or 'no link'}",
-            f"  promoted         {_promotion_line(record) if record else 'no promotion record'}",
+            f"  promoted         {_promotion_line(record) if record else 'no record of it (see Attention)'}",
         ]
     target = report["rollback_target"]
     lines.append(f"  rollback         {f'would go to v{target}' if target else 'nothing earlier to go to'}")

@@ -30,13 +30,17 @@ import os
 import socket
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 
+import numpy as np
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.entities.model_registry.model_version_status import ModelVersionStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from model import scoring
+from training.data import BUNDLED_SAMPLE, load_training_data
 
 REGISTERED_MODEL_NAME = "credit-risk-model"
 PRODUCTION_STAGE = "Production"
@@ -218,7 +222,7 @@ class Promotion:
         }
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "rolled_back": self.rolled_back}
+        return {**asdict(self), "rolled_back": self.rolled_back}
 
 
 def _by_number(versions) -> list[str]:
@@ -284,7 +288,7 @@ class RegistryState:
             stage_text = (
                 f"stage {PRODUCTION_STAGE} is v{self.holder}"
                 if self.holder
-                else (f"no version is in stage {PRODUCTION_STAGE}")
+                else f"no version is in stage {PRODUCTION_STAGE}"
             )
             alias_text = (
                 f"alias {PRODUCTION_ALIAS} points at v{self.alias_version}"
@@ -472,29 +476,24 @@ def rollback(
             previous=current,
         ),
     )
-    return Promotion(**{**undone.__dict__, "rolled_back_at": rolled_back_at}), new
+    return replace(undone, rolled_back_at=rolled_back_at), new
 
 
-def check_servable(version: str) -> int:
+def check_servable(version: str) -> str:
     """Load ``version`` exactly as serving will and score its logged input example (or rows of
-    the bundled sample); raise ``PromotionError`` if it cannot. Returns the rows scored."""
-    import numpy as np
-
-    from model import scoring
-    from training.data import BUNDLED_SAMPLE, load_training_data
-
+    the bundled sample); raise ``PromotionError`` if it cannot. Says what was scored."""
     uri = f"models:/{REGISTERED_MODEL_NAME}/{version}"
     try:
         loaded = scoring.load(uri)
-        rows = loaded.pyfunc.input_example
+        rows, scored = loaded.pyfunc.input_example, "its input example"
         if rows is None:
-            rows = load_training_data(BUNDLED_SAMPLE).features.head(5)
+            rows, scored = load_training_data(BUNDLED_SAMPLE).features.head(5), "the bundled sample"
         prediction, probability = loaded.score_frame(rows)
     # Whatever stops it here would stop serving it, so every failure is a refusal.
     except Exception as error:
         raise PromotionError(
             f"v{version} cannot be served, so Production is left as it is: loading {uri} and "
-            f"scoring its input example failed with {type(error).__name__}: {error}"
+            f"scoring a few rows failed with {type(error).__name__}: {error}"
         ) from error
     if not (
         len(prediction) == len(probability) == len(rows)
@@ -503,6 +502,6 @@ def check_servable(version: str) -> int:
     ):
         raise PromotionError(
             f"v{version} cannot be served, so Production is left as it is: {uri} answered "
-            f"{len(rows)} rows of its input example with invalid outputs"
+            f"{len(rows)} rows of {scored} with invalid outputs"
         )
-    return len(rows)
+    return f"{len(rows)} rows of {scored}"
