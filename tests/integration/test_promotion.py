@@ -25,6 +25,7 @@ from stack.cli import main
 from tests.helpers import credit_risk, free_port, mlflow_tracking_server, running, serving_service
 from training import registry
 from training.registry import PRODUCTION_ALIAS, REGISTERED_MODEL_NAME
+from training.settings import DEFAULT_EXPERIMENT
 
 pytestmark = pytest.mark.integration
 
@@ -125,10 +126,8 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_training_records_its_promotion_and_marks_the_experiment_as_model_training(
-    client, trained_uri, trained_version
-):
-    experiment = client.get_experiment_by_name("credit-risk-training")
+def test_training_records_its_promotion_and_marks_the_experiment_as_model_training(client, trained_version):
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
     assert (
         experiment.tags[registry.EXPERIMENT_KIND_TAG]
         == registry.MODEL_TRAINING_KIND
@@ -271,7 +270,7 @@ class NotACreditRiskModel(mlflow.pyfunc.PythonModel):
         return model_input
 
 
-def register_unservable(client, trained_uri) -> str:
+def register_unservable(client) -> str:
     """A version that MLflow loads but serving cannot: a trivial pyfunc under our name."""
     mlflow.set_experiment("not-credit-risk")
     with mlflow.start_run() as run:
@@ -282,11 +281,9 @@ def register_unservable(client, trained_uri) -> str:
     return version.version
 
 
-def test_a_version_that_cannot_be_served_is_refused_and_nothing_changes(
-    fresh, capsys, trained_uri, trained_version
-):
+def test_a_version_that_cannot_be_served_is_refused_and_nothing_changes(fresh, capsys, trained_version):
     client = fresh(1)
-    broken = register_unservable(client, trained_uri)
+    broken = register_unservable(client)
     good = register(client, trained_version)
     promote_all(client, "1")
     before = snapshot(client)
