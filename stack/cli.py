@@ -1,7 +1,8 @@
 """The ``credit-risk`` command: one entry point for every part of the project.
 
-``train``, ``serve`` and ``sidecar`` run one part in the foreground; ``up`` and ``down``
-start and stop the whole local stack in the background.
+``train``, ``serve`` and ``sidecar`` run one part in the foreground; ``promote``,
+``rollback`` and ``status`` move and show Production; ``up`` and ``down`` start and stop the
+whole local stack in the background.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from serving.cli import add_parser as add_serve_parser
 from serving.settings import MODEL_NAME, SERVING_DIR
 from stack import processes, services
 from training.cli import add_parser as add_train_parser
+from training.promotion_cli import add_parsers as add_promotion_parsers
 
 DEFAULT_STATE_DIR = Path(os.environ.get("CREDIT_RISK_HOME", ".credit-risk"))
 SERVING_HTTP_PORT = 8080
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
     add_train_parser(subparsers)
+    add_promotion_parsers(subparsers)
     add_serve_parser(subparsers)
     add_sidecar_parser(subparsers)
     _add_stack_parsers(subparsers)
@@ -135,13 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
     from training.data import DataError
+    from training.registry import PromotionError
 
     try:
         return args.handler(args)
     except (DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (processes.ServiceError, MlflowException, httpx.HTTPError, ConnectionError) as error:
+    except (
+        PromotionError,
+        processes.ServiceError,
+        MlflowException,
+        httpx.HTTPError,
+        ConnectionError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -343,7 +343,7 @@ def _train(settings: TrainingSettings) -> TrainingResult:
 
     split = _split(data, settings)
     pipeline = build_pipeline(settings.classifier, settings.seed)
-    mlflow.set_experiment(settings.experiment)
+    mlflow.set_experiment(experiment_id=registry.model_training_experiment(client, settings.experiment))
     with mlflow.start_run(run_name=f"train-{fingerprint.sha256[:8]}") as run:
         _log_dataset(data)
         _log_settings(settings, split)

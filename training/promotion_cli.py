@@ -1,0 +1,339 @@
+"""``credit-risk promote``, ``rollback`` and ``status``: Production moved by hand, and what
+is in it, recorded in and read from the registry (``training.registry``).
+
+Exit codes: 0 done (or nothing to do), 1 refused or failed (the registry is unchanged),
+2 bad arguments. MLflow and the registry module are imported inside the commands, so that
+`credit-risk --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import httpx
+from mlserver.settings import Settings
+
+from serving.settings import MODEL_NAME
+from stack.services import LOOPBACK
+
+_SERVER_TIMEOUT_S = 5.0
+_DETAIL_CHARS = 300
+
+
+def default_server() -> str:
+    """The local MLServer, on ``$MLSERVER_HTTP_PORT`` or MLServer's default port."""
+    port = os.environ.get("MLSERVER_HTTP_PORT") or Settings.model_fields["http_port"].default
+    return f"http://{LOOPBACK}:{port}"
+
+
+def add_parsers(subparsers) -> None:
+    promote = subparsers.add_parser(
+        "promote",
+        help="put a version in Production by hand (stage and alias), recording who, when and why",
+        description="Load version N exactly as serving will and score its input example; if that "
+        "works, move stage Production and alias production to it (archiving the previous holder) "
+        "and record who ($CREDIT_RISK_ACTOR or user@host), when and why as tags on the version. "
+        "The gate is bypassed on purpose.",
+    )
+    promote.add_argument("--version", required=True, metavar="N", help="registry version number")
+    promote.add_argument("--reason", required=True, help="why; recorded on the version")
+    promote.set_defaults(handler=run_promote)
+
+    rollback = subparsers.add_parser(
+        "rollback",
+        help="put back the version that held Production before the current one",
+        description="Put back the version that held Production before the current holder got it, "
+        "skipping holders that were themselves rolled back, so a second rollback steps one "
+        "further back. The target is loaded and scored first, as for promote.",
+    )
+    rollback.add_argument("--reason", help="why; recorded on the version put back")
+    rollback.set_defaults(handler=run_rollback)
+
+    status = subparsers.add_parser(
+        "status",
+        help="what is in Production, how it got there, and what servers actually serve",
+        description="Show the Production version, its dataset hash and held-out scores, its "
+        "promotion and the previous holders, any divergence between stage and alias or change "
+        "made outside credit-risk, and for each server the version it serves and its readiness.",
+    )
+    status.add_argument(
+        "--server",
+        dest="servers",
+        action="append",
+        metavar="URL",
+        help="an MLServer to ask (repeatable; default: the local one, http://127.0.0.1:$MLSERVER_HTTP_PORT)",
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=run_status)
+
+
+def _version_number(text: str) -> str:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"--version must be a registry version number such as 3, got {text!r}")
+    return str(int(text))
+
+
+def _reason(text: str | None) -> str:
+    from mlflow.utils.validation import MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
+
+    text = (text or "").strip()
+    if len(text) > MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH:
+        raise ValueError(
+            f"--reason has {len(text)} characters; the registry keeps at most "
+            f"{MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH}"
+        )
+    return text
+
+
+def _registry():
+    """A client for ``$MLFLOW_TRACKING_URI``, once the server answers."""
+    from mlflow.tracking import MlflowClient
+
+    from training.train import check_tracking_server
+
+    check_tracking_server()
+    return MlflowClient()
+
+
+def _warn(messages: list[str]) -> None:
+    for message in messages:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _next_rollback(client) -> str:
+    from training import registry
+
+    try:
+        return f"A rollback now would go to v{registry.read_state(client).rollback_target()}"
+    except registry.PromotionError:
+        return "A rollback now would find no earlier holder to go to"
+
+
+def run_promote(args) -> int:
+    from training import registry
+
+    version = _version_number(args.version)
+    reason = _reason(args.reason)
+    if not reason:
+        raise ValueError("--reason must say why (it is recorded on the version)")
+    client = _registry()
+    state = registry.read_state(client)
+    state.version(version)
+    if state.holder == version and not state.divergences() and not state.unrecorded_holder:
+        print(f"v{version} is already in {registry.PRODUCTION_STAGE} (stage and alias); nothing changed")
+        return 0
+    _warn(state.outside_changes())
+    _warn(f"{text}; promote moves both to v{version}" for text in state.divergences())
+    scored = registry.check_servable(version)
+    print(f"Checked v{version}: it loads as serving loads it and scored {scored}")
+    promotion = registry.promote(client, version, reason=reason, source="cli")
+    archived = f"v{promotion.previous} archived" if promotion.previous else "nothing to archive"
+    print(
+        f"Promoted {registry.REGISTERED_MODEL_NAME} v{version} to {registry.PRODUCTION_STAGE} "
+        f"(promotion #{promotion.seq}); {archived}; alias {registry.PRODUCTION_ALIAS} → v{version}\n"
+        f"Recorded on v{version}: by {promotion.by} at {promotion.at}, reason {promotion.reason!r}\n"
+        f"{_next_rollback(client)}"
+    )
+    return 0
+
+
+def run_rollback(args) -> int:
+    from training import registry
+
+    reason = _reason(args.reason)
+    client = _registry()
+    state = registry.read_state(client)
+    target = state.rollback_target()
+    _warn(state.outside_changes())
+    _warn(
+        f"{text}; rolling back from stage {registry.PRODUCTION_STAGE} (what serving follows), "
+        f"and both move to v{target}"
+        for text in state.divergences()
+    )
+    scored = registry.check_servable(target)
+    print(f"Checked v{target}: it loads as serving loads it and scored {scored}")
+    undone, new = registry.rollback(client, reason=reason, expected=target)
+    print(
+        f"Rolled back {registry.REGISTERED_MODEL_NAME}: {registry.PRODUCTION_STAGE} "
+        f"v{undone.version} → v{new.version} (promotion #{new.seq}); v{undone.version} archived; "
+        f"alias {registry.PRODUCTION_ALIAS} → v{new.version}\n"
+        f"Recorded on v{new.version}: by {new.by} at {new.at}, reason {new.reason!r}; "
+        f"v{undone.version}'s promotion #{undone.seq} is marked rolled back\n"
+        f"{_next_rollback(client)}"
+    )
+    return 0
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def probe_server(url: str) -> dict:
+    """Which version ``url`` serves and whether it is ready; never raises for a dead server."""
+    url = url.rstrip("/")
+    found = {"url": url, "reachable": False, "version": None, "ready": False, "detail": ""}
+    try:
+        ready = httpx.get(f"{url}/v2/health/ready", timeout=_SERVER_TIMEOUT_S)
+        metadata = httpx.get(f"{url}/v2/models/{MODEL_NAME}", timeout=_SERVER_TIMEOUT_S)
+    except httpx.HTTPError as error:
+        found["detail"] = f"unreachable: {str(error) or type(error).__name__}"
+        return found
+    found["reachable"] = True
+    found["ready"] = ready.status_code == 200
+    details = []
+    if not found["ready"]:
+        details.append(f"ready answered {ready.status_code} {ready.text.strip()[:_DETAIL_CHARS]}".strip())
+    try:
+        metadata.raise_for_status()
+        found["version"] = (metadata.json().get("parameters") or {}).get("registry_version")
+    except (httpx.HTTPStatusError, ValueError):
+        details.append(
+            f"model metadata answered {metadata.status_code} {metadata.text.strip()[:_DETAIL_CHARS]}".strip()
+        )
+    found["detail"] = "; ".join(details)
+    return found
+
+
+def _held_out_scores(client, version) -> dict:
+    from mlflow.exceptions import MlflowException
+
+    from training import registry
+
+    scores = {"version_tag": version.tags.get(registry.TEST_ROC_AUC_TAG), "run_id": version.run_id}
+    metrics = {}
+    try:
+        if version.run_id:
+            run = client.get_run(version.run_id)
+            metrics = run.data.metrics
+            route = f"experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            scores["run_url"] = registry.ui_url(client.tracking_uri, route)
+    except MlflowException as error:
+        scores["run_error"] = error.message
+    scores["run_metrics"] = {
+        name: value for name, value in sorted(metrics.items()) if name.startswith("test_")
+    }
+    return scores
+
+
+def status_report(client, state, servers: list[str]) -> dict:
+    from training import registry
+
+    holder = state.holder
+    production = None
+    if holder is not None:
+        version = state.versions[holder]
+        record = registry.Promotion.from_version(version)
+        production = {
+            "version": holder,
+            "model_uri": f"models:/{registry.REGISTERED_MODEL_NAME}/{holder}",
+            "dataset_hash": version.tags.get(registry.DATASET_HASH_TAG),
+            "held_out": _held_out_scores(client, version),
+            "promotion": None if state.unrecorded_holder or record is None else record.as_dict(),
+        }
+    try:
+        rollback_target = state.rollback_target()
+    except registry.PromotionError:
+        rollback_target = None
+    return {
+        "registered_model": registry.REGISTERED_MODEL_NAME,
+        "tracking_uri": client.tracking_uri,
+        "production": production,
+        "stage_versions": state.stage_versions,
+        "alias": {"name": registry.PRODUCTION_ALIAS, "version": state.alias_version},
+        "divergences": state.divergences(),
+        "outside_changes": state.outside_changes(),
+        "rollback_target": rollback_target,
+        "history": [
+            {**record.as_dict(), "stage": state.versions[record.version].current_stage}
+            for record in state.history
+        ],
+        "servers": [probe_server(url) for url in servers],
+    }
+
+
+def _scores_line(held_out: dict) -> str:
+    parts = []
+    if held_out["version_tag"]:
+        parts.append(f"test_roc_auc {held_out['version_tag']} (version tag)")
+    run = f"run {held_out['run_id']}"
+    if held_out["run_metrics"]:
+        metrics = ", ".join(f"{name} {value:.4f}" for name, value in held_out["run_metrics"].items())
+        parts.append(f"{run}: {metrics}")
+    else:
+        parts.append(f"{run}: {held_out.get('run_error', 'no test_* metrics')}")
+    return "; ".join(parts)
+
+
+def _quoted_reason(record: dict) -> str:
+    return repr(record["reason"]) if record["reason"] else "(no reason given)"
+
+
+def _promotion_line(record: dict) -> str:
+    previous = f"v{record['previous']}" if record["previous"] else "none"
+    return (
+        f"#{record['seq']} at {record['at']} by {record['by']} via {record['source']}: "
+        f"{_quoted_reason(record)} (previous holder {previous})"
+    )
+
+
+def _server_line(server: dict, holder: str | None) -> str:
+    if not server["reachable"]:
+        return f"  {server['url']}  {server['detail']}"
+    version = f"serving v{server['version']}" if server["version"] else "serving no model"
+    if server["version"] and server["version"] != holder:
+        version += f" (Production is {f'v{holder}' if holder else 'empty'})"
+    ready = "ready" if server["ready"] else "NOT ready"
+    detail = f" ({server['detail']})" if server["detail"] else ""
+    return f"  {server['url']}  {version}, {ready}{detail}"
+
+
+def format_status(report: dict) -> str:
+    production = report["production"]
+    name = report["registered_model"]
+    if production is None:
+        lines = [f"{name} in Production: none ({report['tracking_uri']})"]
+    else:
+        record = production["promotion"]
+        lines = [
+            f"{name} in Production: v{production['version']} ({report['tracking_uri']})",
+            f"  model URI        {production['model_uri']}",
+            f"  alias            {report['alias']['name']} → "
+            + (f"v{report['alias']['version']}" if report["alias"]["version"] else "not set"),
+            f"  dataset hash     {production['dataset_hash'] or 'not recorded'}",
+            f"  held-out scores  {_scores_line(production['held_out'])}",
+            f"  run in the UI    {production['held_out'].get('run_url') or 'no link'}",
+            f"  promoted         {_promotion_line(record) if record else 'no record of it (see Attention)'}",
+        ]
+    target = report["rollback_target"]
+    lines.append(f"  rollback         {f'would go to v{target}' if target else 'nothing earlier to go to'}")
+    problems = report["divergences"] + report["outside_changes"]
+    if report["divergences"]:
+        problems.append(
+            "divergences are reported, never repaired here: credit-risk promote --version N "
+            "--reason TEXT moves stage and alias together"
+        )
+    if problems:
+        lines += ["Attention:", *(f"  ! {problem}" for problem in problems)]
+    lines.append("History (newest first):" if report["history"] else "History: no promotion recorded")
+    for record in report["history"]:
+        undone = f", rolled back at {record['rolled_back_at']}" if record["rolled_back"] else ""
+        lines.append(
+            f"  #{record['seq']:<3} v{record['version']:<4} {record['stage']:<10} {record['at']}  "
+            f"{record['source']:<8} {record['by']}  {_quoted_reason(record)}{undone}"
+        )
+    if report["servers"]:
+        lines.append("Servers:")
+        holder = production["version"] if production else None
+        lines += [_server_line(server, holder) for server in report["servers"]]
+    return "\n".join(lines)
+
+
+def run_status(args) -> int:
+    from training import registry
+
+    client = _registry()
+    state = registry.read_state(client)
+    report = status_report(client, state, args.servers or [default_server()])
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0
