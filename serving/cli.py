@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from serving.settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -16,10 +18,16 @@ def add_parser(subparsers) -> None:
         "the registry is asked (default 5 s). Flags override the variables.",
     )
     parser.add_argument("--host", help="address to bind (MLSERVER_HOST, default 127.0.0.1)")
-    parser.add_argument("--http-port", type=int, help="V2 REST port (MLSERVER_HTTP_PORT, default 8080)")
-    parser.add_argument("--grpc-port", type=int, help="V2 gRPC port (MLSERVER_GRPC_PORT, default 8081)")
     parser.add_argument(
-        "--metrics-port", type=int, help="Prometheus port (MLSERVER_METRICS_PORT, default 8082)"
+        "--http-port", type=int, help=f"V2 REST port (MLSERVER_HTTP_PORT, default {DEFAULT_HTTP_PORT})"
+    )
+    parser.add_argument(
+        "--grpc-port", type=int, help=f"V2 gRPC port (MLSERVER_GRPC_PORT, default {DEFAULT_GRPC_PORT})"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help=f"Prometheus port (MLSERVER_METRICS_PORT, default {DEFAULT_METRICS_PORT})",
     )
     parser.set_defaults(handler=run)
 

@@ -29,7 +29,10 @@ MODEL_SETTINGS_PATH = SERVING_DIR / "model-settings.json"
 MODEL_SETTINGS = json.loads(MODEL_SETTINGS_PATH.read_text())
 MODEL_NAME: str = MODEL_SETTINGS["name"]
 MODEL_URI: str = MODEL_SETTINGS["parameters"]["uri"]
+# MLServer's own defaults, read from its settings rather than retyped.
 DEFAULT_HTTP_PORT: int = Settings.model_fields["http_port"].default
+DEFAULT_GRPC_PORT: int = Settings.model_fields["grpc_port"].default
+DEFAULT_METRICS_PORT: int = Settings.model_fields["metrics_port"].default
 
 # Registry pointers that everything this project writes keeps in step: a divergence between
 # them is reported by serving, which follows the URI.

@@ -18,13 +18,12 @@ import httpx
 from logging_sidecar import settings as sidecar_settings
 from logging_sidecar.cli import add_parser as add_sidecar_parser
 from serving.cli import add_parser as add_serve_parser
-from serving.settings import MODEL_NAME, SERVING_DIR
+from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME, SERVING_DIR
 from stack import processes, services
 from training.cli import add_parser as add_train_parser
 from training.promotion_cli import add_parsers as add_promotion_parsers
 
 DEFAULT_STATE_DIR = Path(os.environ.get("CREDIT_RISK_HOME", ".credit-risk"))
-SERVING_HTTP_PORT = 8080
 EXAMPLE_REQUEST = SERVING_DIR / "example-request.json"
 
 
@@ -112,7 +111,7 @@ def _add_stack_parsers(subparsers) -> None:
             "($CREDIT_RISK_HOME, default ./.credit-risk)",
         )
         parser.add_argument("--mlflow-port", type=int, default=services.MLFLOW_PORT)
-        parser.add_argument("--http-port", type=int, default=SERVING_HTTP_PORT)
+        parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
         parser.add_argument("--sidecar-port", type=int, default=sidecar_settings.DEFAULT_PORT)
         if name == "up":
             parser.add_argument("--data", type=Path, help="training CSV (default: bundled sample)")

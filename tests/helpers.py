@@ -8,13 +8,18 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from logging_sidecar.settings import DEFAULT_PORT as SIDECAR_PORT
+from serving.settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
 from stack import processes, services
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SAMPLE = REPO / "data" / "cs-training-sample.csv"
 REAL_DATA = REPO.parent / "shared" / "data" / "cs-training-dev.csv"
-DEFAULT_PORTS = frozenset({5000, 8080, 8081, 8082, 8083})
+# The stack's default ports: tests never take them, so they can run beside a live stack.
+DEFAULT_PORTS = frozenset(
+    {services.MLFLOW_PORT, DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT, SIDECAR_PORT}
+)
 
 
 def free_port() -> int:

@@ -13,9 +13,8 @@ import os
 import sys
 
 import httpx
-from mlserver.settings import Settings
 
-from serving.settings import MODEL_NAME
+from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME
 from stack.services import LOOPBACK
 
 _SERVER_TIMEOUT_S = 5.0
@@ -24,7 +23,7 @@ _DETAIL_CHARS = 300
 
 def default_server() -> str:
     """The local MLServer, on ``$MLSERVER_HTTP_PORT`` or MLServer's default port."""
-    port = os.environ.get("MLSERVER_HTTP_PORT") or Settings.model_fields["http_port"].default
+    port = os.environ.get("MLSERVER_HTTP_PORT") or DEFAULT_HTTP_PORT
     return f"http://{LOOPBACK}:{port}"
 
 

@@ -216,29 +216,38 @@ def server(registry_uri, tmp_path_factory):
         server.stop()
 
 
-def test_promotion_under_load_switches_with_zero_failed_requests(registry_uri, body, tmp_path):
-    """With the default settings, as users run it."""
+def test_promote_and_rollback_under_load_switch_with_zero_failed_requests(registry_uri, body, tmp_path):
+    """`credit-risk promote` then `credit-risk rollback`, with the server's default settings."""
     server = Server(registry_uri["uri"], tmp_path)
+    moves = []
     try:
         server.wait_serving("1")
         pid = server.process.pid
         with Load(server, body) as load:
             time.sleep(3)
-            promoted_at = time.monotonic()
-            _promote(registry_uri["uri"], "2")
-            server.wait_serving("2")
-            time.sleep(2)
+            for command, target in ((("promote", "--version", "2"), "2"), (("rollback",), "1")):
+                moves.append((time.monotonic(), target))
+                moved = credit_risk(*command, "--reason", "test under load", tracking_uri=registry_uri["uri"])
+                assert moved.returncode == 0, moved.stdout + moved.stderr
+                server.wait_serving(target)
+                time.sleep(2)
         alive_in_the_same_process = server.process.pid == pid and server.process.poll() is None
     finally:
         server.stop()
     answers = load.answers
     failed = [a for a in answers if a[1] != 200]
     assert not failed, failed[:5]
-    assert {version for _, _, version, _ in answers} == {"1", "2"}
-    first_new = min(at for at, _, version, _ in answers if version == "2")
-    print(f"{len(answers)} requests, switch visible {first_new - promoted_at:.1f} s after the promotion")
-    assert first_new - promoted_at < SWITCH_WITHIN_S
-    assert all(version == "2" for at, _, version, _ in answers if at > first_new + 1.0)
+    (promoted_at, _), (rolled_back_at, _) = moves
+    switch_to_2 = min(at for at, _, version, _ in answers if version == "2")
+    switch_back = min(at for at, _, version, _ in answers if version == "1" and at > switch_to_2)
+    print(
+        f"{len(answers)} requests; version 2 answered {switch_to_2 - promoted_at:.1f} s after the "
+        f"promote command started, version 1 again {switch_back - rolled_back_at:.1f} s after rollback"
+    )
+    assert switch_to_2 - promoted_at < SWITCH_WITHIN_S and switch_back - rolled_back_at < SWITCH_WITHIN_S
+    assert all(version == "1" for at, _, version, _ in answers if at < promoted_at)
+    assert all(version == "2" for at, _, version, _ in answers if switch_to_2 + 1 < at < rolled_back_at)
+    assert all(version == "1" for at, _, version, _ in answers if at > switch_back + 1)
     assert alive_in_the_same_process
 
 
@@ -249,7 +258,7 @@ def test_metadata_versioned_routes_and_metrics_follow_the_swap(server, body):
 
     on_version = server.infer(body, f"/v2/models/{MODEL_NAME}/versions/{served}/infer")
     assert on_version.status_code == 200 and on_version.json()["model_version"] == served
-    other = server.infer(body, f"/v2/models/{MODEL_NAME}/versions/1/infer")
+    other = server.infer(body, f"/v2/models/{MODEL_NAME}/versions/{'2' if served == '1' else '1'}/infer")
     assert other.status_code == 404
     assert f"version {served} is being served" in other.json()["error"]
     ready = httpx.get(f"{server.url}/v2/models/{MODEL_NAME}/versions/{served}/ready", timeout=10)
