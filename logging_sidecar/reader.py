@@ -1,9 +1,10 @@
 """Reading shipped records back from MLflow as one DataFrame, ready for a drift tool.
 
-Runs are fetched in parallel, each run's ``records/`` folder in one listing and parallel
-downloads (MLflow's own artifact thread pool). A batch that cannot be read is skipped and
-reported (``frame.attrs["skipped"]``: ``(name, reason)`` pairs, and a warning in the log)
-unless ``strict=True``, which raises instead.
+One listing per run, then one GET per batch file, in parallel threads, each file parsed by
+pyarrow as it arrives and all of them converted to pandas once (per-file ``read_parquet``
+cost ~13 ms, most of the read). A batch that cannot be read is skipped and reported
+(``frame.attrs["skipped"]``: ``(name, reason)`` pairs, and a warning in the log) unless
+``strict=True``, which raises instead.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-import mlflow.artifacts
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.records import COLUMNS, KEY
@@ -24,7 +28,7 @@ from logging_sidecar.shipper import RECORDS_DIR
 
 logger = logging.getLogger(__name__)
 
-_RUN_WORKERS = 4  # runs fetched at once; each also downloads its files in parallel
+_WORKERS = 8  # downloads in flight: the server streams files while pyarrow parses others
 
 
 class UnreadableBatch(RuntimeError):
@@ -38,31 +42,67 @@ def _as_utc(moment: datetime | str | None) -> pd.Timestamp | None:
     return stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)
 
 
-def _read_run(client: MlflowClient, run_id: str, directory: Path, strict: bool):
-    """The run's batches as frames, and the ``(name, reason)`` of those that failed."""
-    frames, skipped = [], []
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id,
-            artifact_path=RECORDS_DIR,
-            dst_path=str(directory / run_id),
-            tracking_uri=client.tracking_uri,
-        )
-    except Exception as error:
-        if "No such file or directory" in str(error) or "does not exist" in str(error):
-            return frames, skipped  # a run without batches yet
-        if strict:
-            raise UnreadableBatch(f"run {run_id}/{RECORDS_DIR}: {error}") from error
-        return frames, [(f"{run_id}/{RECORDS_DIR}", f"{type(error).__name__}: {error}")]
-    for path in sorted(Path(local).glob("*.parquet")):
+class _Batches:
+    """The batch files of some runs, fetched in parallel; failures collected, or raised."""
+
+    def __init__(self, client: MlflowClient, directory: Path, strict: bool):
+        self._client, self._directory, self._strict = client, directory, strict
+        self.skipped: list[tuple[str, str]] = []
+
+    def _fail(self, name: str, error: Exception) -> None:
+        if self._strict:
+            raise UnreadableBatch(f"{name}: {error}") from error
+        self.skipped.append((name, f"{type(error).__name__}: {error}"))
+
+    def files(self, run) -> list[tuple[object, str, str]]:
+        """``(repository, remote path, name)`` of each batch of a run."""
+        name = f"{run.info.run_id}/{RECORDS_DIR}"
         try:
-            frames.append(pd.read_parquet(path))
+            repository = get_artifact_repository(
+                run.info.artifact_uri, tracking_uri=self._client.tracking_uri
+            )
+            listing = repository.list_artifacts(RECORDS_DIR)
         except Exception as error:
-            if strict:
-                raise UnreadableBatch(f"run {run_id}: {path.name}: {error}") from error
-            skipped.append((f"{run_id}/{RECORDS_DIR}/{path.name}", f"{type(error).__name__}: {error}"))
-        path.unlink()
-    return frames, skipped
+            self._fail(name, error)
+            return []
+        return [
+            (repository, info.path, f"{run.info.run_id}/{info.path}")
+            for info in listing
+            if not info.is_dir and info.path.endswith(".parquet")
+        ]
+
+    def read(self, repository, remote: str, name: str) -> pa.Table | None:
+        local = self._directory / name.replace("/", "_")
+        try:
+            # One GET: the public download first lists the path to see if it is a folder.
+            repository._download_file(remote, str(local))
+            return pq.read_table(local)
+        except Exception as error:
+            self._fail(name, error)
+            return None
+        finally:
+            local.unlink(missing_ok=True)
+
+
+def _fetch(client: MlflowClient, runs, strict: bool) -> tuple[pa.Table | None, list[tuple[str, str]]]:
+    with tempfile.TemporaryDirectory() as directory, ThreadPoolExecutor(_WORKERS) as pool:
+        batches = _Batches(client, Path(directory), strict)
+        files = [file for listed in pool.map(batches.files, runs) for file in listed]
+        tables = [t for t in pool.map(lambda file: batches.read(*file), files) if t is not None]
+    if not tables:
+        return None, batches.skipped
+    # Batches from before a column existed (layout 1 has no replica) get nulls for it.
+    return pa.concat_tables(tables, promote_options="default"), batches.skipped
+
+
+def _oldest_first(records: pd.DataFrame) -> pd.DataFrame:
+    """Sorted on timestamp, request id, row index: numpy's lexsort on the request ids' codes
+    takes ~0.3 s for a million rows where ``sort_values`` on the strings took ~2.8 s."""
+    request_codes, _ = pd.factorize(records["request_id"], sort=True)
+    order = np.lexsort(
+        (records["row_index"].to_numpy(), request_codes, records["timestamp"].values)
+    )  # values: datetime64, to_numpy: objects
+    return records.take(order).reset_index(drop=True)
 
 
 def read_records(
@@ -96,26 +136,18 @@ def read_records(
     runs = client.search_runs([found.experiment_id], filter_string=" and ".join(filters), max_results=50000)
     if since_utc is not None:  # runs are per UTC day; tag filters only compare for equality
         runs = [r for r in runs if r.data.tags.get("day", "") >= since_utc.date().isoformat()]
-    frames, skipped = [], []
-    with tempfile.TemporaryDirectory() as directory, ThreadPoolExecutor(_RUN_WORKERS) as pool:
-        for run_frames, run_skipped in pool.map(
-            lambda run: _read_run(client, run.info.run_id, Path(directory), strict), runs
-        ):
-            frames += run_frames
-            skipped += run_skipped
+    table, skipped = _fetch(client, runs, strict)
     for name, reason in skipped:
         logger.warning(f"read_records: skipped batch {name}: {reason}")
-    if not frames:
+    if table is None:
         empty.attrs["skipped"] = skipped
         return empty
-    records = pd.concat(frames, ignore_index=True)
+    records = table.to_pandas()
     if since_utc is not None:
         records = records[records["timestamp"] >= since_utc]
     if deduplicate:
         records = records.drop_duplicates(subset=KEY, keep="first")
     # Batches of layout 1 have no replica or registered_model column: they read back empty.
-    records = records.sort_values(["timestamp", "request_id", "row_index"], ignore_index=True).reindex(
-        columns=list(COLUMNS)
-    )
+    records = _oldest_first(records).reindex(columns=list(COLUMNS))
     records.attrs["skipped"] = skipped
     return records
