@@ -99,9 +99,8 @@ def _oldest_first(records: pd.DataFrame) -> pd.DataFrame:
     """Sorted on timestamp, request id, row index: numpy's lexsort on the request ids' codes
     takes ~0.3 s for a million rows where ``sort_values`` on the strings took ~2.8 s."""
     request_codes, _ = pd.factorize(records["request_id"], sort=True)
-    order = np.lexsort(
-        (records["row_index"].to_numpy(), request_codes, records["timestamp"].values)
-    )  # values: datetime64, to_numpy: objects
+    stamps = records["timestamp"].values  # datetime64; to_numpy() would give Timestamp objects
+    order = np.lexsort((records["row_index"].to_numpy(), request_codes, stamps))
     return records.take(order).reset_index(drop=True)
 
 
