@@ -107,7 +107,9 @@ def describe(uri: str) -> str:
     try:
         return make_url(uri).render_as_string(hide_password=True)
     except ArgumentError:
-        raise ValueError("backend store URI is not a database URL (expected e.g. postgresql+psycopg2://...)") from None
+        raise ValueError(
+            "backend store URI is not a database URL (expected e.g. postgresql+psycopg2://...)"
+        ) from None
 
 
 def _one_line(error: BaseException) -> str:

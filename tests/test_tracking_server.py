@@ -30,7 +30,9 @@ def test_a_missing_driver_fails_at_once_without_waiting():
     assert importlib.util.find_spec("pg8000") is None, "this test needs a driver that is not installed"
     said = []
     with pytest.raises(BackendStoreError, match=r"no database driver \(No module named 'pg8000'\)"):
-        check_backend_store("postgresql+pg8000://mlflow:s3cret@127.0.0.1:1/mlflow", wait_s=60, say=said.append)
+        check_backend_store(
+            "postgresql+pg8000://mlflow:s3cret@127.0.0.1:1/mlflow", wait_s=60, say=said.append
+        )
     assert said == []
 
 

@@ -83,7 +83,9 @@ class Compose:
         for service in LONG_RUNNING:
             assert by_service[service]["Health"] == "healthy", by_service[service]
         assert by_service["trainer"]["ExitCode"] == 0, by_service["trainer"]
-        assert not any(p.get("PublishedPort") for p in by_service["db"].get("Publishers") or []), by_service["db"]
+        assert not any(p.get("PublishedPort") for p in by_service["db"].get("Publishers") or []), by_service[
+            "db"
+        ]
 
     def sql(self, query: str) -> list[list[str]]:
         """Rows of ``query`` run in MLflow's database, inside the ``db`` container."""
@@ -144,7 +146,9 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
     records = compose.wait_for_records(first)
     assert len(records) == 2 * len(first)  # the example request has two rows, each once
     # Runs and registry are in PostgreSQL, not in a SQLite file on MLflow's volume.
-    assert compose.sql(f"SELECT version, current_stage FROM model_versions WHERE name = '{REGISTERED_MODEL_NAME}'") == [["1", "Production"]]
+    assert compose.sql(
+        f"SELECT version, current_stage FROM model_versions WHERE name = '{REGISTERED_MODEL_NAME}'"
+    ) == [["1", "Production"]]
     assert "mlflow.db" not in compose.run("exec", "-T", "mlflow", "ls", "/var/lib/credit-risk/mlflow").stdout
 
     for how in (("restart",), ("down", "up")):
@@ -162,7 +166,9 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
             compose.client().search_runs([e.experiment_id for e in compose.client().search_experiments()])
         )
         assert runs_after >= runs_before, how
-        assert compose.sql("SELECT count(*) FROM runs WHERE lifecycle_stage = 'active'") == [[str(runs_after)]], how
+        assert compose.sql("SELECT count(*) FROM runs WHERE lifecycle_stage = 'active'") == [
+            [str(runs_after)]
+        ], how
         more = {f"docker-{uuid.uuid4().hex}" for _ in range(3)}
         for request_id in more:
             compose.infer(request_id)
