@@ -115,7 +115,7 @@ def describe(uri: str) -> str:
 def _one_line(error: BaseException) -> str:
     original = getattr(error, "orig", None) or error
     lines = [line.strip() for line in str(original).splitlines() if line.strip()]
-    return " ".join(lines) or type(original).__name__
+    return "; ".join(lines) or type(original).__name__
 
 
 def _is_permanent(reason: str) -> bool:
