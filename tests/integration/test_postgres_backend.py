@@ -272,3 +272,20 @@ def test_mlflow_waits_for_a_database_that_starts_later(tmp_path):
             process.wait(timeout=30)
     finally:
         shutil.rmtree(cluster.folder, ignore_errors=True)
+
+
+def test_up_passes_its_backend_store_uri_to_mlflow(postgres, tmp_path):
+    """`credit-risk up --backend-store-uri`: the URI reaches the launcher, whose refusal stops
+    `up` with the reason (the same server path as the first test, which trains on it)."""
+    wrong = "not-" + postgres.password
+    flags = ["--state-dir", str(tmp_path), "--mlflow-port", str(free_port()),
+             "--http-port", str(free_port()), "--sidecar-port", str(free_port())]  # fmt: skip
+    up = credit_risk(
+        "up", *flags, "--backend-store-uri", postgres.url(password=wrong), tracking_uri=NO_SERVER
+    )
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert "mlflow exited with code 1 before it was healthy" in up.stderr, up.stderr
+    assert 'password authentication failed for user "mlflow"' in up.stderr, up.stderr
+    assert "Traceback" not in up.stderr and wrong not in up.stdout + up.stderr
+    down = credit_risk("down", *flags, tracking_uri=NO_SERVER)
+    assert down.returncode == 0 and "mlflow: not running" in down.stdout, down.stdout + down.stderr
