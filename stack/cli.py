@@ -23,7 +23,6 @@ from stack import processes, services, tracking_server
 from training.cli import add_parser as add_train_parser
 from training.promotion_cli import add_parsers as add_promotion_parsers
 
-DEFAULT_STATE_DIR = Path(os.environ.get("CREDIT_RISK_HOME", ".credit-risk"))
 EXAMPLE_REQUEST = SERVING_DIR / "example-request.json"
 
 
@@ -110,7 +109,7 @@ def _add_stack_parsers(subparsers) -> None:
         parser.add_argument(
             "--state-dir",
             type=Path,
-            default=DEFAULT_STATE_DIR,
+            default=services.DEFAULT_STATE_DIR,
             help="where the stack keeps its database, artifacts, logs and pids "
             "($CREDIT_RISK_HOME, default ./.credit-risk)",
         )

@@ -3,20 +3,26 @@ benchmarks alike: the MLflow tracking server, MLServer and the logging sidecar."
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from stack import tracking_server
 from stack.processes import Service
 
-LOOPBACK = tracking_server.LOOPBACK
-MLFLOW_PORT = tracking_server.DEFAULT_PORT
+LOOPBACK = "127.0.0.1"
+MLFLOW_PORT = 5000
+# Where `credit-risk up` keeps MLflow's SQLite file and artifacts, logs and pids.
+DEFAULT_STATE_DIR = Path(os.environ.get("CREDIT_RISK_HOME", ".credit-risk"))
 
 _BIN = Path(sys.executable).parent
 
 
 def tracking_uri(port: int, host: str = LOOPBACK) -> str:
     return f"http://{host}:{port}"
+
+
+def sqlite_uri(store_dir: Path) -> str:
+    return f"sqlite:///{store_dir.resolve() / 'mlflow.db'}"
 
 
 def mlflow(store_dir: Path, port: int = MLFLOW_PORT, backend_store_uri: str | None = None) -> Service:
@@ -30,7 +36,7 @@ def mlflow(store_dir: Path, port: int = MLFLOW_PORT, backend_store_uri: str | No
         "--host", LOOPBACK, "--port", str(port),
         "--artifacts-destination", str(store_dir / "artifacts"),
     ]  # fmt: skip
-    env = {"MLFLOW_BACKEND_STORE_URI": backend_store_uri or tracking_server.sqlite_uri(store_dir)}
+    env = {"MLFLOW_BACKEND_STORE_URI": backend_store_uri or sqlite_uri(store_dir)}
     return Service("mlflow", command, f"{tracking_uri(port)}/health", env)
 
 

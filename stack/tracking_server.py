@@ -28,11 +28,10 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-LOOPBACK = "127.0.0.1"
-DEFAULT_PORT = 5000
-DEFAULT_STORE_DIR = Path(os.environ.get("CREDIT_RISK_HOME", ".credit-risk")) / "mlflow"
+from stack.services import DEFAULT_STATE_DIR, LOOPBACK, MLFLOW_PORT, sqlite_uri
+
 # The defaults (4 workers plus job consumers) take ~3 GB and ~11 s to become healthy;
 # two workers and no job execution take ~0.8 GB and ~5 s.
 DEFAULT_WORKERS = 2
@@ -41,7 +40,6 @@ RETRY_INTERVAL_S = 2.0
 CONNECT_TIMEOUT_S = 5
 # Driver messages that waiting cannot fix (PostgreSQL's, as psycopg2 reports them).
 _PERMANENT = (
-    "password authentication failed",
     "authentication failed",
     "no password supplied",
     "does not exist",
@@ -53,12 +51,8 @@ class BackendStoreError(RuntimeError):
     """The backend store cannot be used; the message is one line and hides the password."""
 
 
-def sqlite_uri(store_dir: Path) -> str:
-    return f"sqlite:///{store_dir.resolve() / 'mlflow.db'}"
-
-
 def _default_backend_store_uri() -> str:
-    return os.environ.get("MLFLOW_BACKEND_STORE_URI") or sqlite_uri(DEFAULT_STORE_DIR)
+    return os.environ.get("MLFLOW_BACKEND_STORE_URI") or sqlite_uri(DEFAULT_STATE_DIR / "mlflow")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -79,7 +73,7 @@ class TrackingServerSettings:
         default_factory=lambda: os.environ.get("MLFLOW_ARTIFACTS_DESTINATION")
     )
     host: str = LOOPBACK
-    port: int = DEFAULT_PORT
+    port: int = MLFLOW_PORT
     workers: int = DEFAULT_WORKERS
     allowed_hosts: str | None = None
     wait_s: float = field(default_factory=lambda: _env_seconds("CREDIT_RISK_BACKEND_WAIT_S", 0))
@@ -151,7 +145,7 @@ def check_backend_store(uri: str, wait_s: float = 0, say=print) -> None:
         try:
             _connect_once(uri)
             return
-        except OperationalError as error:
+        except DBAPIError as error:  # the driver's own error, whatever its class
             reason = _one_line(error)
         if _is_permanent(reason) or time.monotonic() + RETRY_INTERVAL_S > deadline:
             waited = f" (waited {wait_s:.0f} s)" if wait_s and not _is_permanent(reason) else ""
@@ -206,7 +200,7 @@ def add_parser(subparsers) -> None:
         help="artifact storage ($MLFLOW_ARTIFACTS_DESTINATION, default beside the SQLite file)",
     )
     parser.add_argument("--host", help=f"address to listen on (default {LOOPBACK})")
-    parser.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=int, help=f"port (default {MLFLOW_PORT})")
     parser.add_argument("--workers", type=int, help=f"server worker processes (default {DEFAULT_WORKERS})")
     parser.add_argument("--allowed-hosts", help="passed to mlflow server (Host header check)")
     parser.add_argument(
