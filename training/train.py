@@ -21,10 +21,10 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from sklearn.base import clone
-from sklearn.inspection import permutation_importance
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
@@ -40,6 +40,7 @@ from model.schema import TARGET
 from training import evaluation, gate, registry
 from training.data import TrainingData, load_training_data
 from training.gate import GateDecision
+from training.importance import permutation_importances
 from training.pipeline import build_pipeline
 from training.settings import TrainingSettings
 from training.split import RULE as SPLIT_RULE
@@ -105,15 +106,38 @@ def _run_url(run, ui_url: str | None) -> str | None:
     return registry.ui_url(ui_url or mlflow.get_tracking_uri(), route)
 
 
-def _cross_validate(pipeline, features, target, folds: int, seed: int):
-    """Out-of-fold probabilities on the training split and the ROC AUC of each fold."""
+def _fit_and_score(pipeline, x_fit, y_fit, x_score):
+    """A fresh fit of ``pipeline``: its probabilities on ``x_score``, or the fitted pipeline."""
+    fitted = clone(pipeline).fit(x_fit, y_fit)
+    return fitted if x_score is None else fitted.predict_proba(x_score)[:, 1]
+
+
+def _fit_and_cross_validate(pipeline, features, target, folds: int, seed: int, jobs: int, final: bool):
+    """Out-of-fold probabilities, each fold's ROC AUC and (``final``) the pipeline fitted on
+    all rows: independent fits run side by side in ``jobs`` processes. Each fit is the same
+    computation whichever process runs it, so the models do not depend on ``jobs``."""
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold_rows = list(splitter.split(features, target))
+    tasks = [delayed(_fit_and_score)(pipeline, features, target, None)] if final else []
+    tasks += [
+        delayed(_fit_and_score)(pipeline, features.iloc[fit], target.iloc[fit], features.iloc[valid])
+        for fit, valid in fold_rows
+    ]
+    results = Parallel(n_jobs=min(jobs, len(tasks)))(tasks)
+    fitted = results.pop(0) if final else None
     out_of_fold = np.empty(len(target))
     fold_scores = []
-    for train_index, valid_index in splitter.split(features, target):
-        fitted = clone(pipeline).fit(features.iloc[train_index], target.iloc[train_index])
-        out_of_fold[valid_index] = fitted.predict_proba(features.iloc[valid_index])[:, 1]
-        fold_scores.append(roc_auc_score(target.iloc[valid_index], out_of_fold[valid_index]))
+    for (_, valid), probability in zip(fold_rows, results, strict=True):
+        out_of_fold[valid] = probability
+        fold_scores.append(roc_auc_score(target.iloc[valid], probability))
+    return fitted, out_of_fold, fold_scores
+
+
+def _cross_validate(pipeline, features, target, folds: int, seed: int, jobs: int = 1):
+    """Out-of-fold probabilities on the training split and the ROC AUC of each fold."""
+    _, out_of_fold, fold_scores = _fit_and_cross_validate(
+        pipeline, features, target, folds, seed, jobs, False
+    )
     return out_of_fold, fold_scores
 
 
@@ -246,17 +270,27 @@ def _log_settings(settings: TrainingSettings, split: Split) -> None:
     )
 
 
-def _choose_threshold(pipeline, split: Split, settings: TrainingSettings) -> float:
-    """Cross-validate on the training split; the threshold is the out-of-fold best F1."""
-    with stage(f"Cross-validating on the training split ({settings.cv_folds} folds)"):
-        out_of_fold, fold_scores = _cross_validate(
-            pipeline, split.x_train, split.y_train, settings.cv_folds, settings.seed
+def _fit_and_choose_threshold(pipeline, split: Split, settings: TrainingSettings):
+    """Cross-validate on the training split beside the final fit; the threshold is the
+    out-of-fold best F1. Returns the fitted pipeline and the threshold."""
+    with stage(
+        f"Cross-validating on the training split ({settings.cv_folds} folds) and fitting the final "
+        f"model on {len(split.y_train)} rows, {settings.train_jobs} parallel job(s)"
+    ):
+        fitted, out_of_fold, fold_scores = _fit_and_cross_validate(
+            pipeline,
+            split.x_train,
+            split.y_train,
+            settings.cv_folds,
+            settings.seed,
+            settings.train_jobs,
+            True,
         )
         threshold = evaluation.f1_optimal_threshold(split.y_train.to_numpy(), out_of_fold)
     mean, std = float(np.mean(fold_scores)), float(np.std(fold_scores))
     mlflow.log_metrics({"cv_roc_auc_mean": mean, "cv_roc_auc_std": std, "threshold": threshold})
     print(f"  CV ROC AUC {mean:.4f} ± {std:.4f}; threshold {threshold:.4f} (best F1 out of fold)")
-    return threshold
+    return fitted, threshold
 
 
 class Evaluated(NamedTuple):
@@ -279,8 +313,8 @@ def _evaluate(pipeline, split: Split, threshold: float, settings: TrainingSettin
         probability = pipeline.predict_proba(split.x_test)[:, 1]
         metrics = evaluation.classification_metrics(split.y_test.to_numpy(), probability, threshold)
         mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
-        result = permutation_importance(
-            pipeline, split.x_test, split.y_test, scoring="roc_auc", n_repeats=5, random_state=settings.seed
+        result = permutation_importances(
+            pipeline, split.x_test, split.y_test, repeats=5, seed=settings.seed, jobs=settings.train_jobs
         )
         importance = pd.DataFrame(
             {
@@ -355,9 +389,7 @@ def _train(settings: TrainingSettings) -> TrainingResult:
     with mlflow.start_run(run_name=f"train-{fingerprint.sha256[:8]}") as run:
         _log_dataset(data)
         _log_settings(settings, split)
-        threshold = _choose_threshold(pipeline, split, settings)
-        with stage(f"Fitting on {len(split.y_train)} rows"):
-            pipeline.fit(split.x_train, split.y_train)
+        pipeline, threshold = _fit_and_choose_threshold(pipeline, split, settings)
         evaluated = _evaluate(pipeline, split, threshold, settings)
         with stage("Logging the model"):
             model_info = _log_model(pipeline, threshold, data, split.x_train.head(5))
