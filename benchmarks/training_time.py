@@ -7,9 +7,10 @@ round, with the environment as it is (``CREDIT_RISK_TRAIN_JOBS`` included).
 
     .venv/bin/python benchmarks/training_time.py [--data PATH] [--rounds 1]
 
-Prints the wall time of each phase, the total and the CV ROC AUC; asserts nothing. The README
-quotes its output with date and machine; the target (at most 60 s, CV ROC AUC within 0.001 of
-0.8659) is printed beside the figures.
+Prints the wall time of each phase, the total and the trainer's CV ROC AUC (on its 80 %
+training side); asserts nothing. The README quotes its output with date and machine. The
+quality bar, 5-fold CV over the whole file within 0.001 of 0.8659, is
+``tests/test_real_data.py``'s, which runs the same parallel cross-validation code.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ sys.path.insert(0, str(REPO))
 from tests.helpers import REAL_DATA, credit_risk, mlflow_tracking_server  # noqa: E402
 
 TARGET_S = 60.0
-TARGET_CV_AUC = 0.8659
 
 _STAGE = re.compile(r"^→ (?P<name>.+?) \.\.\.$")
 _DONE = re.compile(r"^  done in (?P<seconds>[\d.]+) s$")
@@ -79,7 +79,8 @@ def main() -> None:
             cv = _CV.search(stdout)
             cv_text = f"{cv['mean']} ± {cv['std']}" if cv else "not found"
             print(f"  {wall:6.1f} s  total wall time of `credit-risk train` (target <= {TARGET_S:.0f} s)")
-            print(f"  CV ROC AUC {cv_text} (target {TARGET_CV_AUC} ± 0.001)")
+            print(f"  CV ROC AUC {cv_text} on the training side (whole-file bar: tests/test_real_data.py)")
+            print(f"  load average during the round: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
