@@ -40,7 +40,7 @@ class LocalStack:
             backend_store_uri=getattr(args, "backend_store_uri", None),
         )
         self.serving = services.serving(self.tracking_uri, args.http_port, CREDIT_RISK_SPOOL_DIR=str(spool))
-        self.sidecar = services.sidecar(self.tracking_uri, spool, args.sidecar_port)
+        self.sidecar = services.sidecar(self.tracking_uri, spool, args.sidecar_port, supervised=True)
 
     def ensure_running(self, service: processes.Service, timeout: float) -> str:
         if processes.running_pid(service, self.state_dir) and processes.is_healthy(service.health_url):
@@ -94,7 +94,8 @@ def up(args) -> int:
 
 def down(args) -> int:
     stack = LocalStack(args)
-    for service in (stack.sidecar, stack.serving, stack.mlflow):
+    # Serving first: the sidecar's drain waits for it to release the spool, then ships.
+    for service in (stack.serving, stack.sidecar, stack.mlflow):
         stopped = processes.stop(service, stack.state_dir)
         print(f"{service.name}: {'stopped' if stopped else 'not running'}")
     return 0
