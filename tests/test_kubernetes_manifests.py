@@ -335,7 +335,7 @@ def test_the_autoscaler_scales_serving_on_cpu():
     assert metric["resource"]["name"] == "cpu"
 
 
-# -- probe paths, asked of the real processes -----------------------------------------------
+# -- probe paths, asked of the real processes (on free ports) -----------------------------------------------
 
 
 def _probes(container: dict) -> dict[str, dict]:
@@ -346,6 +346,7 @@ def _probes(container: dict) -> dict[str, dict]:
     }
 
 
+@pytest.mark.integration
 def test_serving_probes_are_answered_by_the_real_server(tmp_path):
     """No MLflow to follow: the server is live (200) and not ready (503 with the reason),
     which is what each probe must tell apart. A wrong path would answer 404."""
@@ -372,6 +373,7 @@ def _sidecar(tmp_path: Path):
     return service, port
 
 
+@pytest.mark.integration
 def test_sidecar_startup_and_readiness_probes_are_answered_by_the_real_sidecar(tmp_path):
     service, port = _sidecar(tmp_path)
     probes = _probes(_container("serving", "sidecar"))
@@ -382,6 +384,7 @@ def test_sidecar_startup_and_readiness_probes_are_answered_by_the_real_sidecar(t
             assert httpx.get(f"http://{services.LOOPBACK}:{port}{path}", timeout=10).status_code == 200
 
 
+@pytest.mark.integration
 @PENDING_FROM_REPLICAS_BRANCH
 def test_sidecar_liveness_probe_is_answered_by_the_real_sidecar(tmp_path):
     service, port = _sidecar(tmp_path)
@@ -390,6 +393,7 @@ def test_sidecar_liveness_probe_is_answered_by_the_real_sidecar(tmp_path):
         assert httpx.get(f"http://{services.LOOPBACK}:{port}{path}", timeout=10).status_code == 200
 
 
+@pytest.mark.integration
 def test_mlflow_started_with_the_manifests_flags_answers_its_probes(tmp_path):
     """MLflow as the Deployment starts it (its --allowed-hosts, the backend store from
     MLFLOW_BACKEND_STORE_URI), on SQLite and a free port: kubelet's probes (Host: the pod's IP)
