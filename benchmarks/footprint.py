@@ -114,7 +114,9 @@ def run(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--data", type=Path, default=SAMPLE, help="training file (default: the bundled sample)")
+    parser.add_argument(
+        "--data", type=Path, default=SAMPLE, help="training file (default: the bundled sample)"
+    )
     run(parser.parse_args())
 
 
