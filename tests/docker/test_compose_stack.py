@@ -14,6 +14,7 @@ import uuid
 
 import httpx
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.reader import read_records
@@ -276,3 +277,42 @@ def test_the_kubernetes_serving_pod_runs_under_its_security_context(compose):
     finally:
         subprocess.run(["docker", "rm", "--force", *names.values()], capture_output=True)
         subprocess.run(["docker", "volume", "rm", "--force", spool], capture_output=True)
+
+
+def test_the_kubernetes_database_pod_runs_under_its_security_context():
+    """deploy/kubernetes/11-db.yaml's PostgreSQL as docker can run it: the manifest's user,
+    read-only root, no capabilities, emptyDir scratch folders and a data volume; it
+    initialises, answers the manifest's probe command, and stops cleanly."""
+    from tests.test_kubernetes_manifests import _container, _pod_specs
+
+    if not _docker_usable():
+        if os.environ.get("CREDIT_RISK_REQUIRE_DOCKER") == "1":
+            pytest.fail("CREDIT_RISK_REQUIRE_DOCKER=1 but no usable Docker engine with Compose v2")
+        pytest.skip("no usable Docker engine with Compose v2")
+    pod, container = _pod_specs()["db"], _container("db", "db")
+    secret = yaml.safe_load((REPO / "deploy" / "kubernetes" / "10-db-secret.yaml").read_text())
+    env = {**secret["stringData"], **{e["name"]: e["value"] for e in container["env"]}}
+    name = f"credit-risk-test-db-{uuid.uuid4().hex[:8]}"
+    [data] = [m for m in container["volumeMounts"] if m["name"] == "data"]
+    try:
+        subprocess.run(
+            ["docker", "run", "--detach", "--name", name, *_as_docker_run_flags(pod, container),
+             "--volume", f"{name}:{data['mountPath']}",
+             *[arg for k, v in env.items() for arg in ("--env", f"{k}={v}")], container["image"]],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        probe = ["docker", "exec", name, *container["readinessProbe"]["exec"]["command"]]
+        deadline = time.monotonic() + 120
+        while subprocess.run(probe, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, subprocess.run(
+                ["docker", "logs", name], capture_output=True, text=True
+            ).stderr[-3000:]
+            time.sleep(2)
+        subprocess.run(["docker", "stop", "--time", "30", name], check=True, capture_output=True)
+        state = subprocess.run(
+            ["docker", "inspect", "--format", "{{.State.ExitCode}}", name], capture_output=True, text=True
+        )
+        assert state.stdout.strip() == "0", state.stdout
+    finally:
+        subprocess.run(["docker", "rm", "--force", name], capture_output=True)
+        subprocess.run(["docker", "volume", "rm", "--force", name], capture_output=True)
