@@ -25,7 +25,7 @@ from serving.settings import (
     DEFAULT_METRICS_PORT,
     serving_environment,
 )
-from stack import processes, services
+from stack import processes, services, tracking_server
 from tests.helpers import BIN, REPO, free_port, running
 
 MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
@@ -36,17 +36,6 @@ COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 # The image's own variables (postgres:15-bookworm), not this project's.
 POSTGRES_IMAGE_VARIABLES = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "PGDATA"}
-# Read by the code once the replicas-and-drain branch of issue 12 lands; until then these
-# tests fail, and strict xfail turns their passing into a failure that says to drop the mark.
-PENDING_FROM_REPLICAS_BRANCH = pytest.mark.xfail(
-    strict=True, reason="added by issue 12's replicas and drain branch; remove this mark once merged"
-)
-# docker-compose.yml gets its PostgreSQL service (`db`) from issue 12's PostgreSQL branch.
-PENDING_FROM_POSTGRES_BRANCH = pytest.mark.xfail(
-    strict=True,
-    reason="compose's db service comes with issue 12's PostgreSQL branch; remove this mark once merged",
-)
-PENDING_VARIABLES = {"CREDIT_RISK_REPLICA_ID", "CREDIT_RISK_SIDECAR_DRAIN_S"}
 PROJECT_SOURCES = [
     path
     for package in ("model", "training", "serving", "logging_sidecar", "stack")
@@ -159,25 +148,36 @@ def test_images_and_commands_are_the_ones_compose_runs(workload, container, serv
         assert manifest["command"] == compose["command"]
 
 
-@PENDING_FROM_POSTGRES_BRANCH
 def test_the_database_image_is_the_one_compose_runs():
     assert _container("db", "db")["image"] == COMPOSE["services"]["db"]["image"]
 
 
 def test_mlflow_runs_as_compose_runs_it():
-    """Same flags, except where the data lives: PostgreSQL here, from the environment."""
+    """The same launcher and flags; --allowed-hosts adds the in-cluster names, --wait-s is longer
+    (everything is applied at once), and the store is the same PostgreSQL URI shape."""
 
     def flags(command):
         return {arg.split("=")[0]: arg for arg in command if arg.startswith("--")}
 
-    manifest = flags(_container("mlflow", "mlflow")["command"])
-    compose = flags(COMPOSE["services"]["mlflow"]["command"])
-    for flag in ("--host", "--port", "--artifacts-destination", "--serve-artifacts"):
-        assert manifest[flag] == compose[flag]
-    assert manifest["--workers"] == f"--workers={services.MLFLOW_WORKERS}"
-    assert "--backend-store-uri" not in manifest  # MLFLOW_BACKEND_STORE_URI, password kept out of argv
-    uri = _env(_container("mlflow", "mlflow"))["MLFLOW_BACKEND_STORE_URI"]
-    assert uri.startswith("postgresql+psycopg2://") and "@db:5432/" in uri
+    container = _container("mlflow", "mlflow")
+    compose = COMPOSE["services"]["mlflow"]
+    assert container["command"][:2] == compose["command"][:2] == ["credit-risk", "tracking-server"]
+    manifest_flags, compose_flags = flags(container["command"]), flags(compose["command"])
+    assert set(manifest_flags) == set(compose_flags)
+    for flag in ("--host", "--port", "--artifacts-destination", "--workers"):
+        assert manifest_flags[flag] == compose_flags[flag]
+    assert manifest_flags["--workers"] == f"--workers={tracking_server.DEFAULT_WORKERS}"
+    compose_hosts = compose_flags["--allowed-hosts"].split("=", 1)[1].split(",")
+    assert set(compose_hosts) <= set(manifest_flags["--allowed-hosts"].split("=", 1)[1].split(","))
+    shape = re.compile(r"postgresql\+psycopg2://[^:]+:[^@]+@db:5432/.+")
+    assert shape.fullmatch(_env(container)["MLFLOW_BACKEND_STORE_URI"])
+    assert shape.fullmatch(_compose_default(compose["environment"]["MLFLOW_BACKEND_STORE_URI"]))
+
+
+def test_the_database_account_is_the_one_compose_uses():
+    secret = _named("Secret", "db")["stringData"]
+    assert set(secret) == set(_compose_env("db"))
+    assert _container("db", "db")["envFrom"] == [{"secretRef": {"name": "db"}}]
 
 
 def test_every_compose_variable_is_set_in_the_manifests_too():
@@ -258,10 +258,7 @@ def _is_read_by_the_code(name: str) -> bool:
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(name, marks=PENDING_FROM_REPLICAS_BRANCH) if name in PENDING_VARIABLES else name
-        for name in sorted(_variable_names())
-    ],
+    sorted(_variable_names()),
 )
 def test_every_variable_in_the_manifests_is_read_by_the_code(name):
     assert _is_read_by_the_code(name), f"{name} is set in the manifests but nothing reads it"
@@ -385,7 +382,6 @@ def test_sidecar_startup_and_readiness_probes_are_answered_by_the_real_sidecar(t
 
 
 @pytest.mark.integration
-@PENDING_FROM_REPLICAS_BRANCH
 def test_sidecar_liveness_probe_is_answered_by_the_real_sidecar(tmp_path):
     service, port = _sidecar(tmp_path)
     path = _container("serving", "sidecar")["livenessProbe"]["httpGet"]["path"]
@@ -400,7 +396,7 @@ def test_mlflow_started_with_the_manifests_flags_answers_its_probes(tmp_path):
     get through, and so do clients using the in-cluster URI; any other host is refused."""
     container = _container("mlflow", "mlflow")
     port = free_port()
-    command = [str(BIN / "mlflow")] + [
+    command = [str(BIN / "credit-risk")] + [
         f"--port={port}" if arg.startswith("--port=") else arg
         for arg in container["command"][1:]
         if not arg.startswith(("--host=", "--artifacts-destination="))
