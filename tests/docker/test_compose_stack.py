@@ -15,10 +15,12 @@ import uuid
 
 import httpx
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.reader import read_records
-from serving.settings import MODEL_NAME, SERVING_DIR
+from logging_sidecar.settings import DEFAULT_PORT as SIDECAR_PORT
+from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME, SERVING_DIR
 from tests.helpers import REPO, free_port
 from training.registry import REGISTERED_MODEL_NAME
 
@@ -201,3 +203,134 @@ def test_a_promotion_while_up_is_served_without_a_restart(compose):
     compose.infer(request_id)
     records = compose.wait_for_records({request_id})
     assert set(records.loc[records["request_id"] == request_id, "model_version"]) == {"2"}
+
+
+def _as_docker_run_flags(pod: dict, container: dict) -> list[str]:
+    """The manifest's security context and emptyDir mounts, as `docker run` flags."""
+    pod_context, context = pod["securityContext"], container["securityContext"]
+    flags = ["--user", f"{pod_context['runAsUser']}:{pod_context['runAsGroup']}"]
+    flags += [f"--cap-drop={capability}" for capability in context["capabilities"]["drop"]]
+    if context["readOnlyRootFilesystem"]:
+        flags.append("--read-only")
+    if context["allowPrivilegeEscalation"] is False:
+        flags += ["--security-opt", "no-new-privileges"]
+    scratch = {volume["name"] for volume in pod["volumes"] if "emptyDir" in volume}
+    flags += [
+        arg for m in container["volumeMounts"] if m["name"] in scratch for arg in ("--tmpfs", m["mountPath"])
+    ]
+    return flags
+
+
+def _probe(container: str, port: int, path: str) -> bytes | None:
+    """GET from inside the container (its ports are not published); None unless 200."""
+    fetch = f"import urllib.request, sys; sys.stdout.buffer.write(urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=4).read())"
+    result = subprocess.run(
+        ["docker", "exec", container, "python", "-c", fetch], capture_output=True, timeout=30
+    )
+    return result.stdout if result.returncode == 0 else None
+
+
+def test_the_kubernetes_serving_pod_runs_under_its_security_context(compose):
+    """The serving pod of deploy/kubernetes/40-serving.yaml as docker can run it: both
+    containers with the manifest's user, read-only root, no capabilities, emptyDir /tmp and one
+    spool volume, against the compose stack's MLflow (same address as in the cluster). The
+    server loads the model from the registry, answers, and the sidecar ships the records."""
+    from tests.test_kubernetes_manifests import _container, _env, _pod_specs
+
+    compose.up()
+    pod = _pod_specs()["serving"]
+    spool = f"{compose.project}-k8s-spool"
+    names = {name: f"{compose.project}-k8s-{name}" for name in ("sidecar", "serving")}
+    subprocess.run(["docker", "volume", "create", spool], check=True, capture_output=True)
+    try:
+        for name, container_name in names.items():
+            container = _container("serving", name)
+            env = {k: v for k, v in _env(container).items() if v is not None}
+            env |= {"CREDIT_RISK_REPLICA_ID": "serving-0", "CREDIT_RISK_FLUSH_INTERVAL_S": "2"}
+            [spool_mount] = [m for m in container["volumeMounts"] if m["name"] == "spool"]
+            subprocess.run(
+                ["docker", "run", "--detach", "--name", container_name, "--network", f"{compose.project}_default",
+                 *_as_docker_run_flags(pod, container), "--volume", f"{spool}:{spool_mount['mountPath']}",
+                 *[arg for k, v in env.items() for arg in ("--env", f"{k}={v}")],
+                 compose.images[1], *container["command"]],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        ready = _container("serving", "serving")["readinessProbe"]["httpGet"]["path"]
+        deadline = time.monotonic() + 300
+        while _probe(names["serving"], DEFAULT_HTTP_PORT, ready) is None:
+            assert time.monotonic() < deadline, subprocess.run(
+                ["docker", "logs", names["serving"]], capture_output=True, text=True
+            ).stdout[-3000:]
+            time.sleep(2)
+        body = (SERVING_DIR / "example-request.json").read_text()
+        infer = (
+            "import urllib.request; urllib.request.urlopen(urllib.request.Request("
+            f"'http://127.0.0.1:{DEFAULT_HTTP_PORT}/v2/models/{MODEL_NAME}/infer', data={body!r}.encode(), "
+            "headers={'Content-Type': 'application/json'}), timeout=30)"
+        )
+        subprocess.run(
+            ["docker", "exec", names["serving"], "python", "-c", infer], check=True, capture_output=True
+        )
+        health = _container("serving", "sidecar")["readinessProbe"]["httpGet"]["path"]
+        rows = len(json.loads(body)["inputs"][0]["data"])
+        while (
+            json.loads(_probe(names["sidecar"], SIDECAR_PORT, health) or b"{}").get(
+                "shipped_records_total", 0
+            )
+            < rows
+        ):
+            assert time.monotonic() < deadline, subprocess.run(
+                ["docker", "logs", names["sidecar"]], capture_output=True, text=True
+            ).stdout[-3000:]
+            time.sleep(2)
+        # Stopped as Kubernetes does it: the server, then the sidecar; both exit cleanly.
+        for name in ("serving", "sidecar"):
+            subprocess.run(["docker", "stop", "--time", "30", names[name]], check=True, capture_output=True)
+            state = subprocess.run(
+                ["docker", "inspect", "--format", "{{.State.ExitCode}}", names[name]],
+                capture_output=True,
+                text=True,
+            )
+            assert state.stdout.strip() == "0", (name, state.stdout)
+    finally:
+        subprocess.run(["docker", "rm", "--force", *names.values()], capture_output=True)
+        subprocess.run(["docker", "volume", "rm", "--force", spool], capture_output=True)
+
+
+def test_the_kubernetes_database_pod_runs_under_its_security_context():
+    """deploy/kubernetes/11-db.yaml's PostgreSQL as docker can run it: the manifest's user,
+    read-only root, no capabilities, emptyDir scratch folders and a data volume; it
+    initialises, answers the manifest's probe command, and stops cleanly."""
+    from tests.test_kubernetes_manifests import _container, _pod_specs
+
+    if not _docker_usable():
+        if os.environ.get("CREDIT_RISK_REQUIRE_DOCKER") == "1":
+            pytest.fail("CREDIT_RISK_REQUIRE_DOCKER=1 but no usable Docker engine with Compose v2")
+        pytest.skip("no usable Docker engine with Compose v2")
+    pod, container = _pod_specs()["db"], _container("db", "db")
+    secret = yaml.safe_load((REPO / "deploy" / "kubernetes" / "10-db-secret.yaml").read_text())
+    env = {**secret["stringData"], **{e["name"]: e["value"] for e in container["env"]}}
+    name = f"credit-risk-test-db-{uuid.uuid4().hex[:8]}"
+    [data] = [m for m in container["volumeMounts"] if m["name"] == "data"]
+    try:
+        subprocess.run(
+            ["docker", "run", "--detach", "--name", name, *_as_docker_run_flags(pod, container),
+             "--volume", f"{name}:{data['mountPath']}",
+             *[arg for k, v in env.items() for arg in ("--env", f"{k}={v}")], container["image"]],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        probe = ["docker", "exec", name, *container["readinessProbe"]["exec"]["command"]]
+        deadline = time.monotonic() + 120
+        while subprocess.run(probe, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, subprocess.run(
+                ["docker", "logs", name], capture_output=True, text=True
+            ).stderr[-3000:]
+            time.sleep(2)
+        subprocess.run(["docker", "stop", "--time", "30", name], check=True, capture_output=True)
+        state = subprocess.run(
+            ["docker", "inspect", "--format", "{{.State.ExitCode}}", name], capture_output=True, text=True
+        )
+        assert state.stdout.strip() == "0", state.stdout
+    finally:
+        subprocess.run(["docker", "rm", "--force", name], capture_output=True)
+        subprocess.run(["docker", "volume", "rm", "--force", name], capture_output=True)
