@@ -119,6 +119,7 @@ class FaultStack:
         self.mlflow = services.mlflow(root / "mlflow", port=free_port())
         self.tracking_uri = self.mlflow.health_url.removesuffix("/health")
         self.sidecar_port = free_port()
+        self.experiment = f"{INFERENCE_EXPERIMENT}-{spool.name}"  # each test reads back only its own
         self.live: dict[str, subprocess.Popen] = {}
         self.mlserver_url = ""
 
@@ -160,9 +161,10 @@ class FaultStack:
 
     def sidecar(self, fault_point: str | None = None) -> processes.Service:
         env = {
+            "CREDIT_RISK_INFERENCE_EXPERIMENT": self.experiment,
             "CREDIT_RISK_FLUSH_RECORDS": "50",
             "CREDIT_RISK_FLUSH_INTERVAL_S": "1",
-            "CREDIT_RISK_SHIPPING_STALL_S": str(STALL_LIMIT_S),
+            "CREDIT_RISK_STALL_AFTER_S": str(STALL_LIMIT_S),
             "CREDIT_RISK_SIDECAR_DRAIN_S": "5",
         }
         if fault_point:
@@ -225,12 +227,12 @@ def _records_of_run(client: MlflowClient, run_id: str) -> set[str]:
     return ids
 
 
-def _read_all(tracking_uri: str, rows: int, timeout: float) -> pd.DataFrame:
+def _read_all(stack: FaultStack, rows: int, timeout: float) -> pd.DataFrame:
     """Wait on what a reader sees, never on the sidecar's counters."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(stack.tracking_uri)
     deadline = time.monotonic() + timeout
     while True:
-        records = read_records(client=client, deduplicate=False)
+        records = read_records(client=client, experiment=stack.experiment, deduplicate=False)
         if len(records) >= rows or time.monotonic() > deadline:
             return records
         time.sleep(3)
@@ -260,19 +262,21 @@ class Faults:
         self.appended: dict[str, bytes] = {}
 
     def run(self, event: str) -> None:
+        if not event.startswith("sidecar@after_"):  # those start a sidecar of their own
+            self.ensure_sidecar()
         getattr(self, event.split("@")[0].replace("-", "_"))(*event.split("@")[1:])
         time.sleep(self.rng.uniform(0, 2))  # traffic flows between faults
 
-    def restart_sidecar(self):
-        self.stack.start(self.stack.sidecar(), timeout=60)
+    def ensure_sidecar(self):
+        if "sidecar-plain" not in self.stack.live:
+            self.stack.start(self.stack.sidecar(), timeout=60)
 
     def sidecar(self, when: str):
         if when == "random":
             time.sleep(self.rng.uniform(0, 3))
-            self.happened["sidecar SIGKILL at a random moment"] += self.stack.kill("sidecar-plain")
-            self.restart_sidecar()
-            return
         self.happened["sidecar SIGKILL at a random moment"] += self.stack.kill("sidecar-plain")
+        if when == "random":
+            return
         service = self.stack.sidecar(fault_point=when)
         log = service.log_path(self.stack.root)
         offset = log.stat().st_size if log.exists() else 0
@@ -281,7 +285,6 @@ class Faults:
         assert f"pid={process.pid}" in line, f"fault point reached by another process: {line}"
         assert self.stack.kill(service.name), f"the sidecar paused at {when} was gone before the kill"
         self.happened[f"sidecar SIGKILL at {when}"] += 1
-        self.restart_sidecar()
 
     def mlserver(self):
         time.sleep(self.rng.uniform(0, 2))
@@ -304,7 +307,7 @@ class Faults:
         client = MlflowClient(self.stack.tracking_uri)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            experiment = client.get_experiment_by_name(INFERENCE_EXPERIMENT)
+            experiment = client.get_experiment_by_name(self.stack.experiment)
             runs = client.search_runs([experiment.experiment_id]) if experiment else []
             if runs:
                 break
@@ -353,8 +356,9 @@ def test_every_answered_row_is_read_back_exactly_once_through_the_faults(trained
             with Load(client, threads=2):
                 for event in schedule:
                     faults.run(event)
+                faults.ensure_sidecar()
             rows = client.answered_rows
-            records = _read_all(stack.tracking_uri, rows, timeout=300)
+            records = _read_all(stack, rows, timeout=300)
             final_metrics = httpx.get(f"http://127.0.0.1:{stack.sidecar_port}/metrics", timeout=10).text
         deleted = set()
         for run_id in faults.deleted_runs:
@@ -455,7 +459,7 @@ def test_a_full_spool_disk_fails_no_inference_and_loses_only_what_it_counts(trai
             assert sidecar.returncode != 0, "the sidecar exited 0 on a full disk"
             stack.live.pop("sidecar-plain")
             stack.start(stack.sidecar(), timeout=60)
-        records = _read_all(stack.tracking_uri, client.answered_rows, timeout=180)
+        records = _read_all(stack, client.answered_rows, timeout=180)
         capture_dropped = _metric(
             httpx.get(stack.mlserver_metrics, timeout=10).text, "capture_dropped_rows_total"
         )
