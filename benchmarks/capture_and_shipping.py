@@ -34,8 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from model.schema import FEATURES  # noqa: E402
-from serving.capture import SpoolSettings, SpoolWriter, encode  # noqa: E402
+from serving.capture import SpoolSettings, SpoolWriter  # noqa: E402
 from serving.settings import MODEL_NAME  # noqa: E402
+from serving.spool_format import encode  # noqa: E402
 from stack import services  # noqa: E402
 from tests.helpers import credit_risk, free_port, mlflow_tracking_server, running, serving_service  # noqa: E402
 from training.data import BUNDLED_SAMPLE, load_training_data  # noqa: E402
@@ -144,7 +145,9 @@ def measure_capture_cost(root, repeats: int = 5000) -> dict:
     encode_us, append_us = [], []
     for i in range(repeats):
         started = time.perf_counter()
-        line = encode(f"cost-{i}", time.time_ns(), SPOOL_IDENTITY, list(FEATURES), features, outputs, 1.0)
+        line = encode(
+            f"cost-{i}", time.time_ns(), SPOOL_IDENTITY, list(FEATURES), features, outputs, 1.0, "bench"
+        )
         encoded = time.perf_counter()
         writer.append(line, 1)
         encode_us.append((encoded - started) * 1e6)
@@ -160,7 +163,9 @@ def measure_shipping(tracking_uri, root, records: int) -> dict:
     outputs = {"prediction": np.array([0]), "probability": np.array([0.05])}
     for i in range(records):  # single-row requests: the most lines per record, the worst case
         row = values[[i % len(values)]]
-        line = encode(f"bench-{i}", time.time_ns(), SPOOL_IDENTITY, list(FEATURES), row, outputs, 1.0)
+        line = encode(
+            f"bench-{i}", time.time_ns(), SPOOL_IDENTITY, list(FEATURES), row, outputs, 1.0, "bench"
+        )
         writer.append(line, 1)
     writer.close()
     service = sidecar(tracking_uri, "sidecar-shipping", spool)

@@ -36,6 +36,9 @@ def add_parser(subparsers) -> None:
 
 
 def run_sidecar(args) -> int:
+    """0 after a SIGTERM drain; 1 when another sidecar holds the spool or an unexpected error
+    stopped the loop (logged with its traceback), so that a supervisor restarts it."""
+    from logging_sidecar.service import SpoolBusy
     from logging_sidecar.service import run_sidecar as run
     from logging_sidecar.settings import SidecarSettings
 
@@ -46,7 +49,15 @@ def run_sidecar(args) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
     )
-    run(SidecarSettings())
+    settings = SidecarSettings()
+    try:
+        run(settings)
+    except SpoolBusy as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception:
+        logging.getLogger("credit_risk.sidecar").exception("sidecar stopped by an unexpected error; exit 1")
+        return 1
     return 0
 
 

@@ -1,8 +1,10 @@
 """Inference records as tables: one row per scored row, the layout drift tools read.
 
 Columns: ``request_id``, ``row_index``, ``timestamp`` (UTC), ``model_name``,
-``model_version``, ``dataset_hash``, the ten features under their training names (NaN for
-missing), ``prediction``, ``probability`` and ``latency_ms`` (of the whole request).
+``registered_model``, ``model_version``, ``dataset_hash``, ``replica`` (the serving replica
+that scored it), the ten features under their training names (NaN for missing),
+``prediction``, ``probability`` and ``latency_ms`` (of the whole request). Batches shipped
+before ``registered_model`` and ``replica`` existed read back with those empty.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import pandas as pd
 
 from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
 
-IDENTITY_COLUMNS = ("request_id", "row_index", "timestamp", "model_name", "model_version", "dataset_hash")
+_TEXT_IDENTITY = ("model_name", "registered_model", "model_version", "dataset_hash", "replica")
+IDENTITY_COLUMNS = ("request_id", "row_index", "timestamp", *_TEXT_IDENTITY)
 COLUMNS = (*IDENTITY_COLUMNS, *FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY, "latency_ms")
 # What makes a record unique. Not the request id alone: clients choose it and may reuse it,
 # but a replayed record keeps its request's exact timestamp.
@@ -23,21 +26,27 @@ KEY = ["request_id", "row_index", "timestamp"]
 
 
 class RunKey(NamedTuple):
-    """Records land in one MLflow run per model version and UTC day."""
+    """Records land in one MLflow run per model (registered name, version, training data),
+    serving replica and UTC day: everything that groups records names the run, so two groups
+    never share a run, and replicas never share batch files or metric steps."""
 
     model_name: str
+    registered_model: str
     model_version: str
     dataset_hash: str
+    replica: str
     day: str
 
     @property
     def text(self) -> str:
-        return f"{self.model_name}/v{self.model_version}/{self.day}"
+        return "/".join(
+            (self.registered_model, f"v{self.model_version}", self.dataset_hash, self.replica, self.day)
+        )
 
 
 def run_key(request: dict) -> RunKey:
     day = datetime.fromtimestamp(request["timestamp_ns"] / 1e9, tz=UTC).date().isoformat()
-    return RunKey(request["model_name"], request["model_version"], request["dataset_hash"], day)
+    return RunKey(*(request[name] for name in _TEXT_IDENTITY), day)
 
 
 def to_frame(requests: list[dict]) -> pd.DataFrame:
@@ -48,9 +57,7 @@ def to_frame(requests: list[dict]) -> pd.DataFrame:
         "request_id": repeat([r["request_id"] for r in requests], rows),
         "row_index": np.concatenate([np.arange(n, dtype="int32") for n in rows]) if rows else [],
         "timestamp": pd.to_datetime(repeat([r["timestamp_ns"] for r in requests], rows), utc=True),
-        "model_name": repeat([r["model_name"] for r in requests], rows),
-        "model_version": repeat([r["model_version"] for r in requests], rows),
-        "dataset_hash": repeat([r["dataset_hash"] for r in requests], rows),
+        **{name: repeat([r[name] for r in requests], rows) for name in _TEXT_IDENTITY},
     }
     for name in FEATURES:
         columns[name] = np.array(
@@ -64,7 +71,7 @@ def to_frame(requests: list[dict]) -> pd.DataFrame:
     )
     columns["latency_ms"] = repeat(np.array([r["latency_ms"] for r in requests], dtype="float64"), rows)
     frame = pd.DataFrame(columns)
-    for name in ("request_id", "model_name", "model_version", "dataset_hash"):
+    for name in ("request_id", *_TEXT_IDENTITY):
         frame[name] = frame[name].astype("string")
     return frame
 

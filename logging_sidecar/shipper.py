@@ -1,26 +1,46 @@
-"""Writing batches into MLflow: experiment ``credit-risk-inference``, one run per model
-version and UTC day, each batch one Parquet artifact under ``records/`` plus its summary
-metrics. Names, steps and timestamps come from the planned flush, so a retry overwrites."""
+"""Writing batches into MLflow: experiment ``credit-risk-inference``, one run per
+``RunKey`` (model, version, training data, replica, UTC day), each batch one Parquet
+artifact under ``records/`` plus its summary metrics. Names, steps and timestamps come from
+the planned flush, so a retry overwrites.
+
+Run layout version 2 (tag ``inference.layout``): the run key and the batch file names name
+the replica. Runs of layout 1 are still read back.
+
+MLflow state that the sidecar remembers can go away under it. A deleted run is replaced by a
+new run for its key. A deleted experiment is restored (MLflow only soft-deletes it, so it
+cannot be created again under its name, and restoring also restores its runs). A reset store
+(ids unknown) gets a new experiment and new runs. Whatever still fails is retried, and
+``/health/shipping`` says so.
+"""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from mlflow.entities import Metric
+from mlflow.entities import LifecycleStage, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.records import RunKey, run_key, summary_metrics, to_frame
 from logging_sidecar.state import Flush, State
 
+logger = logging.getLogger("credit_risk.sidecar")
+
 RUN_KEY_TAG = "inference.run_key"
+LAYOUT_TAG = "inference.layout"
+LAYOUT_VERSION = "2"
 RECORDS_DIR = "records"
 
 
-def batch_file_name(flush: Flush) -> str:
-    return f"batch-{flush.id:010d}-{flush.digest}.parquet"
+def batch_file_name(flush: Flush, key: RunKey) -> str:
+    return f"batch-{key.replica}-{flush.id:010d}-{flush.digest}.parquet"
+
+
+def _missing(error: MlflowException) -> bool:
+    return error.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
 class Shipper:
@@ -33,6 +53,8 @@ class Shipper:
     def _experiment(self) -> str:
         if self._experiment_id is None:
             found = self._client.get_experiment_by_name(self._experiment_name)
+            if found is not None and found.lifecycle_stage == LifecycleStage.DELETED:
+                self._restore(found.experiment_id)
             if found is None:
                 try:
                     self._experiment_id = self._client.create_experiment(self._experiment_name)
@@ -46,6 +68,13 @@ class Shipper:
                 self._experiment_id = found.experiment_id
         return self._experiment_id
 
+    def _restore(self, experiment_id: str) -> None:
+        logger.warning(
+            f"experiment '{self._experiment_name}' ({experiment_id}) was deleted: restoring it, "
+            "with its runs, to keep shipping into it"
+        )
+        self._client.restore_experiment(experiment_id)
+
     def _run(self, key: RunKey) -> str:
         if run_id := self._state.run_id(key.text):
             return run_id
@@ -58,30 +87,47 @@ class Shipper:
         else:
             run = self._client.create_run(
                 self._experiment(),
-                run_name=f"{key.model_name}-v{key.model_version}-{key.day}",
-                tags={
-                    RUN_KEY_TAG: key.text,
-                    "model_name": key.model_name,
-                    "model_version": key.model_version,
-                    "dataset_hash": key.dataset_hash,
-                    "day": key.day,
-                },
+                run_name=f"{key.registered_model}-v{key.model_version}-{key.replica}-{key.day}",
+                tags={RUN_KEY_TAG: key.text, LAYOUT_TAG: LAYOUT_VERSION, **key._asdict()},
             )
             run_id = run.info.run_id
             self._client.set_terminated(run_id, "FINISHED")
         self._state.remember_run(key.text, run_id)
         return run_id
 
+    def recover(self, keys: list[RunKey]) -> None:
+        """After a failed attempt: check what we remember against MLflow and repair it."""
+        if self._experiment_id is not None:
+            try:
+                experiment = self._client.get_experiment(self._experiment_id)
+            except MlflowException as error:
+                if not _missing(error):
+                    raise
+                logger.warning(f"experiment {self._experiment_id} is gone (store reset?): finding it anew")
+                self._experiment_id = None
+            else:
+                if experiment.lifecycle_stage == LifecycleStage.DELETED:
+                    self._restore(self._experiment_id)
+        for key in keys:
+            if (run_id := self._state.run_id(key.text)) and self._run_is_gone(run_id):
+                logger.warning(f"run {run_id} for {key.text} was deleted or is gone: shipping into a new run")
+                self._state.forget_run(key.text)
+
+    def _run_is_gone(self, run_id: str) -> bool:
+        try:
+            return self._client.get_run(run_id).info.lifecycle_stage == LifecycleStage.DELETED
+        except MlflowException as error:
+            if _missing(error):
+                return True
+            raise
+
     def ship(self, flush: Flush, requests: list[dict]) -> int:
         """Send one flush; returns the number of records shipped."""
-        by_run: dict[RunKey, list[dict]] = defaultdict(list)
-        for request in requests:
-            by_run[run_key(request)].append(request)
         shipped = 0
         with tempfile.TemporaryDirectory() as directory:
-            for key, group in by_run.items():
+            for key, group in group_by_run(requests).items():
                 frame = to_frame(group)
-                path = Path(directory) / batch_file_name(flush)
+                path = Path(directory) / batch_file_name(flush, key)
                 frame.to_parquet(path, index=False)
                 run_id = self._run(key)
                 self._client.log_artifact(run_id, str(path), RECORDS_DIR)
@@ -92,3 +138,10 @@ class Shipper:
                 self._client.log_batch(run_id, metrics=metrics)
                 shipped += len(frame)
         return shipped
+
+
+def group_by_run(requests: list[dict]) -> dict[RunKey, list[dict]]:
+    groups: dict[RunKey, list[dict]] = defaultdict(list)
+    for request in requests:
+        groups[run_key(request)].append(request)
+    return groups

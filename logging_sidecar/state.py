@@ -4,6 +4,12 @@ A flush is planned (its exact byte ranges stored) before anything is sent to MLf
 committed after everything was sent, in one transaction that also advances the segments'
 shipped offsets. After a crash the planned flush is replayed from the same bytes, under the
 same artifact names, metric steps and timestamps, so a retry overwrites instead of adding.
+
+Dead lines (lines that can never ship) are recorded here, keyed by segment and offset so
+that reading them again after a crash counts them once: this table is the dead-letter
+counter that survives restarts, and it still works when the spool's disk is too full for
+the dead-letter file itself (with the default state path both share a disk, but SQLite
+needs a few kilobytes where a dead line may need megabytes).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Integer, String, Text, create_engine, event, func, select
+from sqlalchemy import Boolean, Integer, String, Text, create_engine, event, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
@@ -34,6 +40,15 @@ class _Flush(_Base):
     ranges: Mapped[str] = mapped_column(Text)  # JSON {segment: [start, end]}
     records: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String, default="planned")
+
+
+class _DeadLine(_Base):
+    __tablename__ = "dead_lines"
+    segment: Mapped[str] = mapped_column(String, primary_key=True)
+    offset: Mapped[int] = mapped_column(Integer, primary_key=True)
+    length: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    filed: Mapped[bool] = mapped_column(Boolean, default=False)  # written to the dead-letter file
 
 
 class _Run(_Base):
@@ -129,3 +144,30 @@ class State:
     def remember_run(self, key: str, run_id: str) -> None:
         with Session(self._engine) as session, session.begin():
             session.merge(_Run(key=key, run_id=run_id))
+
+    def forget_run(self, key: str) -> None:
+        """The run was deleted or the store reset: the next flush finds or creates another."""
+        with Session(self._engine) as session, session.begin():
+            if row := session.get(_Run, key):
+                session.delete(row)
+
+    def record_dead(self, segment: str, offset: int, length: int, reason: str) -> bool:
+        """Count a dead line once; True the first time it is seen."""
+        with Session(self._engine) as session, session.begin():
+            if session.get(_DeadLine, (segment, offset)) is not None:
+                return False
+            session.add(_DeadLine(segment=segment, offset=offset, length=length, reason=reason))
+            return True
+
+    def mark_filed(self, segment: str, offset: int) -> None:
+        with Session(self._engine) as session, session.begin():
+            session.get(_DeadLine, (segment, offset)).filed = True
+
+    def dead_lines(self) -> tuple[int, int]:
+        """``(counted, not in the dead-letter file)``, over the state's whole life."""
+        with Session(self._engine) as session:
+            total = session.scalar(select(func.count()).select_from(_DeadLine))
+            unfiled = session.scalar(
+                select(func.count()).select_from(_DeadLine).where(_DeadLine.filed.is_(False))
+            )
+            return int(total or 0), int(unfiled or 0)

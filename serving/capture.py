@@ -7,14 +7,16 @@ One line holds one request: its identity, the features exactly as the model rece
 
 A request is appended with a single ``write`` before its response is returned: once a
 client has an answer its record is in the kernel's page cache, so a crash of MLServer, of
-the sidecar or of MLflow cannot lose it (a power cut can, unless ``fsync="always"``).
+the sidecar or of MLflow cannot lose it (a power cut can, unless ``fsync="always"``, which
+also fsyncs the folder after a segment is created or sealed). The file format, names and the
+writer's liveness lock live in ``serving.spool_format``.
 Capture never fails or blocks an inference: when the spool is over its size limit or the
 write fails, the record is dropped, counted and logged, and the response goes out as usual.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import logging
 import os
 import socket
@@ -22,13 +24,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from serving.spool_format import (
+    FILE_MODE,
+    OPEN_SUFFIX,
+    SEALED_SUFFIX,
+    encode,
+    segment_name,
+    writer_id,
+    writer_lock_path,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-OPEN_SUFFIX = ".open"
-SEALED_SUFFIX = ".jsonl"
+__all__ = ["SpoolSettings", "SpoolWriter", "encode", "spool_bytes"]
 _USAGE_REFRESH_S = 1.0
 _FULL_LOG_EVERY_S = 60.0
 
@@ -45,6 +53,8 @@ class SpoolSettings:
     ``CREDIT_RISK_SPOOL_MAX_BYTES``: the spool's size limit (default 1 GiB).
     ``CREDIT_RISK_SEGMENT_MAX_BYTES`` / ``CREDIT_RISK_SEGMENT_MAX_AGE_S``: rotation
     (default 16 MiB / 60 s). ``CREDIT_RISK_CAPTURE_FSYNC``: ``rotate`` (default) or ``always``.
+    ``CREDIT_RISK_REPLICA_ID``: this serving replica's name in every record (default: the
+    host name, which is the pod name under Kubernetes).
     """
 
     directory: Path | None = field(
@@ -60,10 +70,17 @@ class SpoolSettings:
         default_factory=lambda: float(os.environ.get("CREDIT_RISK_SEGMENT_MAX_AGE_S", 60))
     )
     fsync: str = field(default_factory=lambda: os.environ.get("CREDIT_RISK_CAPTURE_FSYNC", "rotate"))
+    replica: str = field(
+        default_factory=lambda: os.environ.get("CREDIT_RISK_REPLICA_ID") or socket.gethostname()
+    )
 
     def __post_init__(self):
         if self.fsync not in ("rotate", "always"):
             raise ValueError(f"CREDIT_RISK_CAPTURE_FSYNC must be 'rotate' or 'always', got {self.fsync!r}")
+        if not self.replica or "/" in self.replica:
+            raise ValueError(
+                f"CREDIT_RISK_REPLICA_ID must be a non-empty name without '/', got {self.replica!r}"
+            )
 
 
 def spool_bytes(directory: Path) -> int:
@@ -77,32 +94,13 @@ def spool_bytes(directory: Path) -> int:
     return total
 
 
-def _nulls(values: list) -> list:
-    return [None if value != value else value for value in values]  # NaN is not JSON: null
-
-
-def encode(
-    request_id: str,
-    timestamp_ns: int,
-    identity: dict[str, str],
-    feature_names: list[str],
-    features: np.ndarray,
-    outputs: dict[str, np.ndarray],
-    latency_ms: float,
-) -> bytes:
-    """One request as one JSON line, columnar (one list per feature), so that a 1,000-row
-    request is one small write. Plain lists and ``json``: ~12 µs for a row, where going
-    through pandas took ~160 µs, a noticeable share of a ~6 ms request."""
-    record = {
-        "v": FORMAT_VERSION,
-        "request_id": request_id,
-        "timestamp_ns": timestamp_ns,
-        **identity,
-        "latency_ms": latency_ms,
-        "features": dict(zip(feature_names, map(_nulls, features.T.tolist()), strict=True)),
-        "outputs": {name: values.tolist() for name, values in outputs.items()},
-    }
-    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+def _fsync_directory(directory: Path) -> None:
+    """Make a file's creation or rename itself durable (the file's own fsync is not enough)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class SpoolWriter:
@@ -113,7 +111,9 @@ class SpoolWriter:
         self.settings = settings
         self.directory = settings.directory
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._prefix = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        self.replica = settings.replica
+        self._writer = writer_id(socket.gethostname(), os.getpid(), time.time_ns())
+        self._lock_fd: int | None = None
         self._sequence = 0
         self._fd: int | None = None
         self._path: Path | None = None
@@ -124,11 +124,31 @@ class SpoolWriter:
         self._last_full_log = 0.0
         self.dropped = 0
 
+    def _hold_lock(self) -> None:
+        """Taken before the first segment exists and held until ``close`` (or death): while
+        it is held, the sidecar never treats this writer's open segment as abandoned."""
+        if self._lock_fd is not None:
+            return
+        path = writer_lock_path(self.directory, self._writer)
+        while True:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # the sidecar may have removed it as stale between our open and flock
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self._lock_fd = fd
+
     def _open(self) -> None:
+        self._hold_lock()
         self._sequence += 1
-        name = f"{self._prefix}-{self._sequence:06d}{OPEN_SUFFIX}"
-        self._path = self.directory / name
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        name = segment_name(self._writer, self._sequence, time.time_ns())
+        self._path = self.directory / f"{name}{OPEN_SUFFIX}"
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        if self.settings.fsync == "always":
+            _fsync_directory(self.directory)
         self._opened_at = time.monotonic()
         self._size = 0
 
@@ -141,10 +161,9 @@ class SpoolWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            os.rename(self._path, self._path.with_suffix(SEALED_SUFFIX))
-        except FileNotFoundError:
-            pass  # idle so long that the sidecar shipped and removed it as abandoned
+        os.rename(self._path, self._path.with_suffix(SEALED_SUFFIX))
+        if self.settings.fsync == "always":
+            _fsync_directory(self.directory)
 
     def _spool_full(self) -> bool:
         now = time.monotonic()
@@ -178,10 +197,21 @@ class SpoolWriter:
             return True
         except OSError as error:
             self._drop(rows, f"cannot write to spool {self.directory}: {error}")
-            if self._fd is not None:  # start a fresh segment next time
-                os.close(self._fd)
-                self._fd = None
+            self._abandon_segment()
             return False
+
+    def _abandon_segment(self) -> None:
+        """After a failed write (a full disk): cut the partial line off and seal what was
+        whole, so the reader finds only complete lines; the next request opens a new one."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, self._size)
+            os.close(fd)
+            os.rename(self._path, self._path.with_suffix(SEALED_SUFFIX))
+        except OSError as error:
+            logger.warning(f"capture: could not seal segment {self._path} after a failed write: {error}")
 
     def _drop(self, rows: int, reason: str) -> None:
         self.dropped += rows
@@ -191,4 +221,9 @@ class SpoolWriter:
             logger.warning(f"capture: dropping inference records ({self.dropped} so far): {reason}")
 
     def close(self) -> None:
+        """Seal the open segment, then release the spool (the sidecar's drain waits for it)."""
         self._seal()
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            writer_lock_path(self.directory, self._writer).unlink(missing_ok=True)
+            os.close(fd)

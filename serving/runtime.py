@@ -247,6 +247,7 @@ class CreditRiskRuntime(MLflowRuntime):
                 values,
                 scored,
                 latency_ms=seconds * 1000,
+                replica=self._spool.replica,
             )
             kept = self._spool.append(line, rows)
         except Exception:

@@ -37,7 +37,7 @@ class LocalStack:
         spool = self.state_dir / "spool"
         self.mlflow = services.mlflow(self.state_dir / "mlflow", port=args.mlflow_port)
         self.serving = services.serving(self.tracking_uri, args.http_port, CREDIT_RISK_SPOOL_DIR=str(spool))
-        self.sidecar = services.sidecar(self.tracking_uri, spool, args.sidecar_port)
+        self.sidecar = services.sidecar(self.tracking_uri, spool, args.sidecar_port, supervised=True)
 
     def ensure_running(self, service: processes.Service, timeout: float) -> str:
         if processes.running_pid(service, self.state_dir) and processes.is_healthy(service.health_url):

@@ -55,7 +55,12 @@ def serving(
     return Service(name, command, health, {"MLFLOW_TRACKING_URI": tracking, **env})
 
 
-def sidecar(tracking: str, spool: Path, port: int, *, name: str = "sidecar", **env: str) -> Service:
+def sidecar(
+    tracking: str, spool: Path, port: int, *, name: str = "sidecar", supervised: bool = False, **env: str
+) -> Service:
+    """``supervised``: under ``stack.supervise``, which restarts it whenever it exits non-zero."""
     command = [str(_BIN / "credit-risk"), "sidecar", "--spool-dir", str(spool), "--port", str(port)]
+    if supervised:
+        command = [sys.executable, "-m", "stack.supervise", "--", *command]
     health = f"http://{LOOPBACK}:{port}/health"
     return Service(name, command, health, {"MLFLOW_TRACKING_URI": tracking, **env})

@@ -9,7 +9,8 @@ import pandas as pd
 from logging_sidecar.records import to_frame
 from logging_sidecar.spool import list_segments, read_chunk
 from model.schema import FEATURES
-from serving.capture import SpoolSettings, SpoolWriter, encode
+from serving.capture import SpoolSettings, SpoolWriter
+from serving.spool_format import encode
 
 IDENTITY = {
     "model_name": "credit-risk",
@@ -32,6 +33,7 @@ def request_line(request_id="r1", rows=2):
             features.to_numpy(),
             {name: predictions[name].to_numpy() for name in predictions.columns},
             1.5,
+            replica="replica-a",
         ),
         features,
         predictions,
@@ -48,10 +50,10 @@ def test_a_request_round_trips_through_the_spool(tmp_path):
     writer = SpoolWriter(settings(tmp_path))
     assert writer.append(line, 2)
     [segment] = list_segments(tmp_path)
-    chunk = read_chunk(tmp_path, segment.name, 0, 100)
+    chunk = read_chunk(tmp_path, segment.name, 0, 100, max_line_bytes=1 << 20)
     frame = to_frame(chunk.requests)
     assert frame["request_id"].tolist() == ["r1", "r1"] and frame["row_index"].tolist() == [0, 1]
-    assert frame["model_version"].tolist() == ["7", "7"]
+    assert frame["model_version"].tolist() == ["7", "7"] and frame["replica"].tolist() == ["replica-a"] * 2
     pd.testing.assert_frame_equal(frame[list(FEATURES)], features, check_dtype=True)
     assert frame["probability"].tolist() == predictions["probability"].tolist()
     assert str(frame["timestamp"].dt.tz) == "UTC"
@@ -65,7 +67,10 @@ def test_segments_rotate_by_size_and_are_sealed(tmp_path):
     writer.close()
     segments = list_segments(tmp_path)
     assert len(segments) == 4 and all(s.sealed for s in segments)
-    assert sum(len(read_chunk(tmp_path, s.name, 0, 1000).requests) for s in segments) == 10
+    assert (
+        sum(len(read_chunk(tmp_path, s.name, 0, 1000, max_line_bytes=1 << 20).requests) for s in segments)
+        == 10
+    )
 
 
 def test_a_full_spool_drops_and_says_so(tmp_path, caplog):
@@ -85,5 +90,5 @@ def test_a_torn_last_line_is_left_alone(tmp_path):
     [segment] = list_segments(tmp_path)
     with open(segment.path, "ab") as stream:
         stream.write(line[: len(line) // 2])  # a write cut by a crash
-    chunk = read_chunk(tmp_path, segment.name, 0, 100)
+    chunk = read_chunk(tmp_path, segment.name, 0, 100, max_line_bytes=1 << 20)
     assert len(chunk.requests) == 1 and chunk.end == len(line)

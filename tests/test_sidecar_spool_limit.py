@@ -8,7 +8,8 @@ from logging_sidecar.service import Sidecar
 from logging_sidecar.settings import SidecarSettings
 from logging_sidecar.spool import list_segments
 from model.schema import FEATURES
-from serving.capture import SpoolSettings, SpoolWriter, encode
+from serving.capture import SpoolSettings, SpoolWriter
+from serving.spool_format import encode
 from tests.helpers import free_port
 
 IDENTITY = {
@@ -24,7 +25,14 @@ def test_oldest_segments_are_dropped_first_when_mlflow_is_unreachable(tmp_path, 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     outputs = {"prediction": np.array([0]), "probability": np.array([0.1])}
     line = encode(
-        "r", 1_700_000_000_000_000_000, IDENTITY, list(FEATURES), np.ones((1, len(FEATURES))), outputs, 1.0
+        "r",
+        1_700_000_000_000_000_000,
+        IDENTITY,
+        list(FEATURES),
+        np.ones((1, len(FEATURES))),
+        outputs,
+        1.0,
+        "r1",
     )
     writer = SpoolWriter(SpoolSettings(directory=tmp_path, segment_max_bytes=len(line) * 10))
     for _ in range(100):  # ten sealed segments of ten requests

@@ -1,0 +1,191 @@
+"""The capture spool's on-disk format, shared by its writer (``serving.capture``) and its
+reader (``logging_sidecar``): file names, the writer's liveness lock, and the record lines.
+
+Record versions (the ``v`` field of every line):
+
+- **1**: ``request_id``, ``timestamp_ns``, ``model_name``, ``registered_model``,
+  ``model_version``, ``dataset_hash``, ``latency_ms``, ``features`` (one list per feature,
+  ``null`` for missing), ``outputs`` (``prediction`` and ``probability`` lists).
+- **2**: version 1 plus ``replica``: which serving replica scored it
+  (``CREDIT_RISK_REPLICA_ID``, default the host name), so that replicas sharing one MLflow
+  never write into each other's runs.
+
+The reader accepts every version up to ``FORMAT_VERSION`` (older ones are upgraded in
+memory); a line it cannot trust (not JSON, a field missing or of the wrong shape, a newer
+version) is a :class:`PoisonLine`, which the sidecar parks in its dead-letter file.
+
+Segment files are ``<writer>-<sequence>@<opened_ns>.open`` while written and ``.jsonl``
+once sealed, where ``<writer>`` is ``<host>-<pid>-<start_ns>``. The writer holds an
+exclusive ``flock`` on ``<writer>.writer-lock`` for as long as it may append: the kernel
+releases it when the process dies, so liveness never depends on clocks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
+
+FORMAT_VERSION = 2
+OPEN_SUFFIX = ".open"
+SEALED_SUFFIX = ".jsonl"
+WRITER_LOCK_SUFFIX = ".writer-lock"
+FILE_MODE = 0o640  # records hold applicants' raw features: not world-readable
+
+_SEGMENT_NAME = re.compile(r"^(?P<writer>.+-\d+-(?P<started>\d+))-(?P<sequence>\d+)(?:@(?P<opened>\d+))?$")
+_IDENTITY_FIELDS = ("request_id", "model_name", "registered_model", "model_version", "dataset_hash")
+
+
+class PoisonLine(ValueError):
+    """A spool line that cannot become a record; the message says why."""
+
+
+# -- names -----------------------------------------------------------------------------
+
+
+def writer_id(host: str, pid: int, started_ns: int) -> str:
+    return f"{host}-{pid}-{started_ns}"
+
+
+def segment_name(writer: str, sequence: int, opened_ns: int) -> str:
+    return f"{writer}-{sequence:06d}@{opened_ns}"
+
+
+def parse_segment_name(name: str) -> tuple[str, tuple[int, int]] | None:
+    """``(writer, order)`` of a segment name, or None for a name this format never writes.
+
+    The order is the segment's opening time (wall clock, ns), so that "oldest first" is
+    oldest across every writer process; version 1 names carry only their writer's start."""
+    match = _SEGMENT_NAME.match(name)
+    if match is None:
+        return None
+    opened = match["opened"] or match["started"]
+    return match["writer"], (int(opened), int(match["sequence"]))
+
+
+def writer_lock_path(directory: Path, writer: str) -> Path:
+    return directory / f"{writer}{WRITER_LOCK_SUFFIX}"
+
+
+def writer_is_alive(directory: Path, writer: str) -> bool:
+    """True while the writing process holds its lock (a lock file nobody holds, or none at
+    all, means the writer is gone)."""
+    try:
+        fd = os.open(writer_lock_path(directory, writer), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops our probe lock, if we got it
+    return False
+
+
+def live_writers(directory: Path) -> list[str]:
+    return [
+        entry.name[: -len(WRITER_LOCK_SUFFIX)]
+        for entry in os.scandir(directory)
+        if entry.name.endswith(WRITER_LOCK_SUFFIX)
+        and writer_is_alive(directory, entry.name[: -len(WRITER_LOCK_SUFFIX)])
+    ]
+
+
+# -- lines ---------------------------------------------------------------------------
+
+
+def _nulls(values: list) -> list:
+    return [None if value != value else value for value in values]  # NaN is not JSON: null
+
+
+def encode(
+    request_id: str,
+    timestamp_ns: int,
+    identity: dict[str, str],
+    feature_names: list[str],
+    features: np.ndarray,
+    outputs: dict[str, np.ndarray],
+    latency_ms: float,
+    replica: str,
+) -> bytes:
+    """One request as one JSON line, columnar (one list per feature), so that a 1,000-row
+    request is one small write. Plain lists and ``json``: ~12 µs for a row, where going
+    through pandas took ~160 µs, a noticeable share of a ~6 ms request."""
+    record = {
+        "v": FORMAT_VERSION,
+        "request_id": request_id,
+        "timestamp_ns": timestamp_ns,
+        **identity,
+        "replica": replica,
+        "latency_ms": latency_ms,
+        "features": dict(zip(feature_names, map(_nulls, features.T.tolist()), strict=True)),
+        "outputs": {name: values.tolist() for name, values in outputs.items()},
+    }
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes, default_replica: str) -> dict:
+    """A validated record (upgraded to the current version), or :class:`PoisonLine`.
+
+    ``default_replica`` names the scorer of a version 1 line (its writer's host)."""
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise PoisonLine(f"not JSON: {error}") from None
+    if not isinstance(record, dict):
+        raise PoisonLine(f"not a JSON object but {type(record).__name__}")
+    version = record.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise PoisonLine(f"record version {version!r} is not one this reader knows (1..{FORMAT_VERSION})")
+    if version == 1:
+        record["replica"] = default_replica
+    _check_fields(record)
+    return record
+
+
+def _check_fields(record: dict) -> None:
+    for name in (*_IDENTITY_FIELDS, "replica"):
+        if not isinstance(record.get(name), str):
+            raise PoisonLine(f"field {name!r} is missing or not a string")
+    for name in ("timestamp_ns", "latency_ms"):
+        if not isinstance(record.get(name), int | float) or isinstance(record.get(name), bool):
+            raise PoisonLine(f"field {name!r} is missing or not a number")
+    outputs, features = record.get("outputs"), record.get("features")
+    if not isinstance(outputs, dict) or not isinstance(features, dict):
+        raise PoisonLine("field 'outputs' or 'features' is missing or not an object")
+    probabilities = outputs.get(OUTPUT_PROBABILITY)
+    if not isinstance(probabilities, list) or not probabilities:
+        raise PoisonLine(f"outputs.{OUTPUT_PROBABILITY} is missing or empty")
+    rows = len(probabilities)
+    columns = {OUTPUT_PREDICTION: outputs.get(OUTPUT_PREDICTION)} | {
+        name: features.get(name) for name in FEATURES
+    }
+    for name, values in columns.items():
+        if not isinstance(values, list) or len(values) != rows:
+            raise PoisonLine(f"column {name!r} is missing or does not have {rows} values")
+    if set(features) != set(FEATURES):
+        raise PoisonLine(f"features {sorted(set(features) ^ set(FEATURES))} are unexpected or missing")
+    for name in FEATURES:  # null is a missing feature
+        if not all(value is None or _is_number(value) for value in features[name]):
+            raise PoisonLine(f"feature {name!r} holds a value that is not a number or null")
+    for name, values in (
+        (OUTPUT_PREDICTION, outputs[OUTPUT_PREDICTION]),
+        (OUTPUT_PROBABILITY, probabilities),
+    ):
+        if not all(_is_number(value) for value in values):
+            raise PoisonLine(f"outputs.{name} holds a value that is not a number")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def rows_of(record: dict) -> int:
+    return len(record["outputs"][OUTPUT_PROBABILITY])
