@@ -19,6 +19,7 @@ probability), compared with ``read_records``; the sidecar's counters are never t
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
@@ -36,6 +37,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.reader import read_records
+from logging_sidecar.service import DEAD_LETTER_FILE
 from logging_sidecar.settings import INFERENCE_EXPERIMENT
 from logging_sidecar.shipper import RECORDS_DIR
 from serving.capture import OPEN_SUFFIX
@@ -170,9 +172,7 @@ class FaultStack:
         if fault_point:
             env |= {"CREDIT_RISK_FAULT_POINTS": fault_point, "CREDIT_RISK_FAULT_PAUSE_S": str(FAULT_PAUSE_S)}
         name = f"sidecar-{fault_point or 'plain'}"
-        service = services.sidecar(self.tracking_uri, self.spool, self.sidecar_port, name=name, **env)
-        # The fault-free health answer: liveness (``/health`` was ``ok`` whatever happened).
-        return processes.Service(service.name, service.command, service.health_url + "/live", service.env)
+        return services.sidecar(self.tracking_uri, self.spool, self.sidecar_port, name=name, **env)
 
     def stop_all(self):
         for name in list(self.live):
@@ -238,8 +238,12 @@ def _read_all(stack: FaultStack, rows: int, timeout: float) -> pd.DataFrame:
         time.sleep(3)
 
 
-def _dead_letters(spool: Path) -> bytes:
-    return b"".join(path.read_bytes() for path in spool.rglob("*dead*") if path.is_file())
+def _dead_letters(spool: Path) -> list[str]:
+    """The spool lines parked in the dead-letter file, as text."""
+    path = spool / DEAD_LETTER_FILE
+    if not path.exists():
+        return []
+    return [json.loads(entry)["line"] for entry in path.read_text().splitlines() if entry.strip()]
 
 
 def _metric(text: str, fragment: str) -> float:
@@ -260,6 +264,7 @@ class Faults:
         self.deleted_runs: list[str] = []
         self.outages: list[tuple[float, float]] = []
         self.appended: dict[str, bytes] = {}
+        self.first_append_at: float | None = None
 
     def run(self, event: str) -> None:
         if not event.startswith("sidecar@after_"):  # those start a sidecar of their own
@@ -318,16 +323,20 @@ class Faults:
         self.deleted_runs.append(run.info.run_id)
         self.happened["inference run deleted"] += 1
 
+    def _append(self, kind: str, line: bytes) -> None:
+        segment = _append_line(self.stack.spool, line)
+        self.appended[f"{kind} line in {segment}"] = line
+        self.first_append_at = self.first_append_at or time.monotonic()
+        self.happened[f"{kind} line appended"] += 1
+
     def corrupt_line(self):
         line = b'{"v": 1, "request_id": "corrupt-' + uuid.uuid4().hex.encode() + b'", "timesta\n'
-        self.appended[_append_line(self.stack.spool, line) + " corrupt"] = line
-        self.happened["corrupt line appended"] += 1
+        self._append("corrupt", line)
 
     def poison_line(self):
         # Valid JSON without the outputs and features: it must be parked, not block the rest.
         line = f'{{"v": 1, "request_id": "poison-{uuid.uuid4().hex}", "timestamp_ns": {time.time_ns()}}}\n'.encode()
-        self.appended[_append_line(self.stack.spool, line) + " poison"] = line
-        self.happened["poison line appended"] += 1
+        self._append("poison", line)
 
     def big_request(self):
         answer = self.client.send(BIG_REQUEST_ROWS, timeout=300)
@@ -392,19 +401,28 @@ def test_every_answered_row_is_read_back_exactly_once_through_the_faults(trained
     # Every stuck state was visible while it lasted; liveness never failed for an outage.
     for started, ended in faults.outages:
         shipping = health.between("/health/shipping", started + STALL_LIMIT_S + 5, ended)
-        stuck = [body for status, body in shipping if status == 503]
-        assert stuck, f"/health/shipping never answered 503 during the MLflow outage: {shipping[:5]}"
-        assert all(body.get("reason") and body.get("since") for body in stuck), stuck[:3]
+        stalled = [body for status, body in shipping if status == 503 and body.get("status") == "stalled"]
+        assert stalled, f"/health/shipping never said 'stalled' during the MLflow outage: {shipping[:5]}"
+        assert all(body["reason"] and body["since"] and body["pending_records"] > 0 for body in stalled), (
+            stalled[:3]
+        )
         live = [status for status, _ in health.between("/health/live", started, ended)]
         assert live and all(status == 200 for status in live if status is not None), live
 
-    # The corrupt and the poison line were parked in a dead-letter file and counted in a
-    # counter that survived the sidecar restarts that followed them.
+    # The corrupt and the poison line were parked in the dead-letter file, shown as parked by
+    # /health/shipping from then on, and counted in a counter that survived the sidecar
+    # restarts that followed them.
     dead_letters = _dead_letters(stack.spool)
     for where, line in faults.appended.items():
-        assert line.strip() in dead_letters, f"{where} line is not in a dead-letter file: {line!r}"
-    assert _metric(final_metrics, "dead_letter") >= len(faults.appended), (
-        "the dead-letter counter lost the parked lines across restarts:\n"
+        assert line.decode().rstrip("\n") in dead_letters, f"{where} is not in the dead-letter file: {line!r}"
+    parked = [
+        body
+        for status, body in health.between("/health/shipping", faults.first_append_at, time.monotonic())
+        if status == 503 and body.get("status") == "parked"
+    ]
+    assert parked and "dead lines" in parked[-1]["reason"], "/health/shipping never showed the parked lines"
+    assert _metric(final_metrics, "credit_risk_sidecar_dead_lines") == len(faults.appended), (
+        "the dead-line counter lost (or double-counted) the parked lines across restarts:\n"
         + "\n".join(line for line in final_metrics.splitlines() if "dead" in line)
     )
 
