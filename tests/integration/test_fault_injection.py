@@ -43,8 +43,10 @@ from logging_sidecar.shipper import RECORDS_DIR
 from serving.capture import OPEN_SUFFIX
 from stack import processes, services
 from tests.helpers import (
+    Answer,
     Client,
     Load,
+    answered_frame,
     check_read_back,
     credit_risk,
     free_port,
@@ -227,13 +229,17 @@ def _records_of_run(client: MlflowClient, run_id: str) -> set[str]:
     return ids
 
 
-def _read_all(stack: FaultStack, rows: int, timeout: float) -> pd.DataFrame:
-    """Wait on what a reader sees, never on the sidecar's counters."""
+def _read_all(stack: FaultStack, answers: list[Answer], excused: set[str], timeout: float) -> pd.DataFrame:
+    """Wait on what a reader sees (never the sidecar's counters): until every answered row
+    outside ``excused`` is there, or ``timeout``; the caller's check says what is missing."""
+    expected = answered_frame([answer for answer in answers if answer.request_id not in excused])
+    wanted = set(zip(expected["request_id"], expected["row_index"], strict=True))
     client = MlflowClient(stack.tracking_uri)
     deadline = time.monotonic() + timeout
     while True:
         records = read_records(client=client, experiment=stack.experiment, deduplicate=False)
-        if len(records) >= rows or time.monotonic() > deadline:
+        seen = set(zip(records["request_id"].astype(str), records["row_index"].astype("int64"), strict=True))
+        if wanted <= seen or time.monotonic() > deadline:
             return records
         time.sleep(3)
 
@@ -367,11 +373,11 @@ def test_every_answered_row_is_read_back_exactly_once_through_the_faults(trained
                     faults.run(event)
                 faults.ensure_sidecar()
             rows = client.answered_rows
-            records = _read_all(stack, rows, timeout=300)
+            deleted = set()
+            for run_id in faults.deleted_runs:
+                deleted |= _records_of_run(MlflowClient(stack.tracking_uri), run_id)
+            records = _read_all(stack, client.answers, deleted, timeout=300)
             final_metrics = httpx.get(f"http://127.0.0.1:{stack.sidecar_port}/metrics", timeout=10).text
-        deleted = set()
-        for run_id in faults.deleted_runs:
-            deleted |= _records_of_run(MlflowClient(stack.tracking_uri), run_id)
     finally:
         stack.stop_all()
 
@@ -477,7 +483,8 @@ def test_a_full_spool_disk_fails_no_inference_and_loses_only_what_it_counts(trai
             assert sidecar.returncode != 0, "the sidecar exited 0 on a full disk"
             stack.live.pop("sidecar-plain")
             stack.start(stack.sidecar(), timeout=60)
-        records = _read_all(stack, client.answered_rows, timeout=180)
+        during = {answer.request_id for answer in client.answers[first_full:last_full]}
+        records = _read_all(stack, client.answers, during, timeout=180)
         capture_dropped = _metric(
             httpx.get(stack.mlserver_metrics, timeout=10).text, "capture_dropped_rows_total"
         )
@@ -486,7 +493,6 @@ def test_a_full_spool_disk_fails_no_inference_and_loses_only_what_it_counts(trai
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
     assert not client.cut_off, f"inference failed while the spool disk was full: {client.cut_off[:3]}"
-    during = {answer.request_id for answer in client.answers[first_full:last_full]}
     missing = check_read_back(client.answers, records, unanswered=client.unanswered, excused=during)
     print(
         f"full disk for {full_until - full_since:.0f} s: {last_full - first_full} requests answered meanwhile, "
