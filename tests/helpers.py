@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from logging_sidecar.settings import DEFAULT_PORT as SIDECAR_PORT
-from serving.settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+from serving.settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, MODEL_NAME
 from stack import processes, services
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ class Client:
         return self.sample.iloc[picks].reset_index(drop=True)
 
     def send(self, rows: int = 1, timeout: float = 120) -> Answer | None:
-        from serving.settings import MODEL_NAME
+        # Imported here: that module imports this one.
         from tests.integration.test_serving import v2_body
 
         frame = self.rows(rows)
