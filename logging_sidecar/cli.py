@@ -46,6 +46,7 @@ def run_sidecar(args) -> int:
         os.environ["CREDIT_RISK_SPOOL_DIR"] = str(args.spool_dir)
     if args.port:
         os.environ["CREDIT_RISK_SIDECAR_PORT"] = str(args.port)
+    sys.stdout.reconfigure(line_buffering=True)  # a log file shows each line as it happens
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
     )

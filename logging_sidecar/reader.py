@@ -1,17 +1,38 @@
-"""Reading shipped records back from MLflow as one DataFrame, ready for a drift tool."""
+"""Reading shipped records back from MLflow as one DataFrame, ready for a drift tool.
+
+One listing per run, then one GET per batch file, in parallel threads, each file parsed by
+pyarrow as it arrives and all of them converted to pandas once (per-file ``read_parquet``
+cost ~13 ms, most of the read). A batch that cannot be read is skipped and reported
+(``frame.attrs["skipped"]``: ``(name, reason)`` pairs, and a warning in the log) unless
+``strict=True``, which raises instead.
+"""
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.records import COLUMNS, KEY
 from logging_sidecar.settings import INFERENCE_EXPERIMENT
 from logging_sidecar.shipper import RECORDS_DIR
+
+logger = logging.getLogger(__name__)
+
+_WORKERS = 8  # downloads in flight: the server streams files while pyarrow parses others
+
+
+class UnreadableBatch(RuntimeError):
+    """A shipped batch could not be read back (``strict=True``)."""
 
 
 def _as_utc(moment: datetime | str | None) -> pd.Timestamp | None:
@@ -21,6 +42,68 @@ def _as_utc(moment: datetime | str | None) -> pd.Timestamp | None:
     return stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)
 
 
+class _Batches:
+    """The batch files of some runs, fetched in parallel; failures collected, or raised."""
+
+    def __init__(self, client: MlflowClient, directory: Path, strict: bool):
+        self._client, self._directory, self._strict = client, directory, strict
+        self.skipped: list[tuple[str, str]] = []
+
+    def _fail(self, name: str, error: Exception) -> None:
+        if self._strict:
+            raise UnreadableBatch(f"{name}: {error}") from error
+        self.skipped.append((name, f"{type(error).__name__}: {error}"))
+
+    def files(self, run) -> list[tuple[object, str, str]]:
+        """``(repository, remote path, name)`` of each batch of a run."""
+        name = f"{run.info.run_id}/{RECORDS_DIR}"
+        try:
+            repository = get_artifact_repository(
+                run.info.artifact_uri, tracking_uri=self._client.tracking_uri
+            )
+            listing = repository.list_artifacts(RECORDS_DIR)
+        except Exception as error:
+            self._fail(name, error)
+            return []
+        return [
+            (repository, info.path, f"{run.info.run_id}/{info.path}")
+            for info in listing
+            if not info.is_dir and info.path.endswith(".parquet")
+        ]
+
+    def read(self, repository, remote: str, name: str) -> pa.Table | None:
+        local = self._directory / name.replace("/", "_")
+        try:
+            # One GET: the public download first lists the path to see if it is a folder.
+            repository._download_file(remote, str(local))
+            return pq.read_table(local)
+        except Exception as error:
+            self._fail(name, error)
+            return None
+        finally:
+            local.unlink(missing_ok=True)
+
+
+def _fetch(client: MlflowClient, runs, strict: bool) -> tuple[pa.Table | None, list[tuple[str, str]]]:
+    with tempfile.TemporaryDirectory() as directory, ThreadPoolExecutor(_WORKERS) as pool:
+        batches = _Batches(client, Path(directory), strict)
+        files = [file for listed in pool.map(batches.files, runs) for file in listed]
+        tables = [t for t in pool.map(lambda file: batches.read(*file), files) if t is not None]
+    if not tables:
+        return None, batches.skipped
+    # Batches from before a column existed (layout 1 has no replica) get nulls for it.
+    return pa.concat_tables(tables, promote_options="default"), batches.skipped
+
+
+def _oldest_first(records: pd.DataFrame) -> pd.DataFrame:
+    """Sorted on timestamp, request id, row index: numpy's lexsort on the request ids' codes
+    takes ~0.3 s for a million rows where ``sort_values`` on the strings took ~2.8 s."""
+    request_codes, _ = pd.factorize(records["request_id"], sort=True)
+    stamps = records["timestamp"].values  # datetime64; to_numpy() would give Timestamp objects
+    order = np.lexsort((records["row_index"].to_numpy(), request_codes, stamps))
+    return records.take(order).reset_index(drop=True)
+
+
 def read_records(
     model_version: str | int | None = None,
     since: datetime | str | None = None,
@@ -28,37 +111,42 @@ def read_records(
     experiment: str = INFERENCE_EXPERIMENT,
     client: MlflowClient | None = None,
     deduplicate: bool = True,
+    strict: bool = False,
 ) -> pd.DataFrame:
     """Every shipped inference record (one row per scored row), oldest first.
 
     ``model_version`` keeps one registry version; ``since`` (naive means UTC) keeps records
     at or after that moment. Duplicates that an interrupted delivery may have left are
     dropped on ``(request_id, row_index, timestamp)`` (a client reusing an id keeps all its
-    requests); ``deduplicate=False`` shows the files as stored.
+    requests); ``deduplicate=False`` shows the files as stored. A batch that cannot be read
+    is skipped, logged and listed in ``attrs["skipped"]``; ``strict=True`` raises
+    :class:`UnreadableBatch` instead.
     """
     client = client or MlflowClient()
     since_utc = _as_utc(since)
+    empty = pd.DataFrame(columns=list(COLUMNS))
+    empty.attrs["skipped"] = []
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        return pd.DataFrame(columns=list(COLUMNS))
+        return empty
     filters = []
     if model_version is not None:
         filters.append(f"tags.model_version = '{model_version}'")
     runs = client.search_runs([found.experiment_id], filter_string=" and ".join(filters), max_results=50000)
     if since_utc is not None:  # runs are per UTC day; tag filters only compare for equality
         runs = [r for r in runs if r.data.tags.get("day", "") >= since_utc.date().isoformat()]
-    frames = []
-    with tempfile.TemporaryDirectory() as directory:
-        for run in runs:
-            for artifact in client.list_artifacts(run.info.run_id, RECORDS_DIR):
-                local = client.download_artifacts(run.info.run_id, artifact.path, directory)
-                frames.append(pd.read_parquet(local))
-                Path(local).unlink()
-    if not frames:
-        return pd.DataFrame(columns=list(COLUMNS))
-    records = pd.concat(frames, ignore_index=True)
+    table, skipped = _fetch(client, runs, strict)
+    for name, reason in skipped:
+        logger.warning(f"read_records: skipped batch {name}: {reason}")
+    if table is None:
+        empty.attrs["skipped"] = skipped
+        return empty
+    records = table.to_pandas()
     if since_utc is not None:
         records = records[records["timestamp"] >= since_utc]
     if deduplicate:
         records = records.drop_duplicates(subset=KEY, keep="first")
-    return records.sort_values(["timestamp", "request_id", "row_index"], ignore_index=True)[list(COLUMNS)]
+    # Batches of layout 1 have no replica or registered_model column: they read back empty.
+    records = _oldest_first(records).reindex(columns=list(COLUMNS))
+    records.attrs["skipped"] = skipped
+    return records

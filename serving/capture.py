@@ -207,8 +207,8 @@ class SpoolWriter:
             return
         fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, self._size)
             os.close(fd)
+            os.truncate(self._path, self._size)
             os.rename(self._path, self._path.with_suffix(SEALED_SUFFIX))
         except OSError as error:
             logger.warning(f"capture: could not seal segment {self._path} after a failed write: {error}")

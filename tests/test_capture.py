@@ -2,6 +2,9 @@
 
 import json
 import logging
+import os
+import resource
+import signal
 
 import numpy as np
 import pandas as pd
@@ -92,3 +95,45 @@ def test_a_torn_last_line_is_left_alone(tmp_path):
         stream.write(line[: len(line) // 2])  # a write cut by a crash
     chunk = read_chunk(tmp_path, segment.name, 0, 100, max_line_bytes=1 << 20)
     assert len(chunk.requests) == 1 and chunk.end == len(line)
+
+
+def test_fsync_always_makes_segment_creation_and_sealing_durable(tmp_path, monkeypatch):
+    """Defect 10: on main the folder was never fsynced, so a power cut could lose a whole
+    new or renamed segment although its contents had been fsynced."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    line, _, _ = request_line()
+    writer = SpoolWriter(settings(tmp_path, fsync="always"))
+    writer.append(line, 2)
+    assert synced[0] == str(tmp_path)  # the new segment's name is durable before its first line
+    synced.clear()
+    writer.close()
+    [sealed] = list_segments(tmp_path)
+    assert synced == [str(tmp_path / f"{sealed.name}.open"), str(tmp_path)]  # contents, then the rename
+
+
+def test_a_failed_write_leaves_only_whole_lines_behind(tmp_path):
+    """A write that stops mid-line (the disk filled up): the partial line is cut off and the
+    segment sealed. A file-size limit with SIGXFSZ ignored makes the kernel write part of
+    the line and then fail, as a full disk does."""
+    line, _, _ = request_line()
+    writer = SpoolWriter(settings(tmp_path))
+    writer.append(line, 2)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(line) + len(line) // 2, limits[1]))
+    try:
+        kept = writer.append(line, 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert not kept and writer.dropped == 2
+    [segment] = list_segments(tmp_path)
+    assert segment.sealed and segment.size == len(line)
+    assert len(read_chunk(tmp_path, segment.name, 0, 100, max_line_bytes=1 << 20).requests) == 1

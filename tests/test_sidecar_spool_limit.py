@@ -7,6 +7,7 @@ import numpy as np
 from logging_sidecar.service import Sidecar
 from logging_sidecar.settings import SidecarSettings
 from logging_sidecar.spool import list_segments
+from logging_sidecar.state import State
 from model.schema import FEATURES
 from serving.capture import SpoolSettings, SpoolWriter
 from serving.spool_format import encode
@@ -60,3 +61,35 @@ def test_oldest_segments_are_dropped_first_when_mlflow_is_unreachable(tmp_path, 
     assert "dropped the oldest unshipped segment" in caplog.text
     assert metric("credit_risk_sidecar_flush_failures_total") == 1  # retried later, not lost
     assert sidecar.last_error is not None
+
+
+def test_a_planned_flush_is_never_trimmed_before_its_replay(tmp_path, monkeypatch):
+    """Defect 3: on main a restart with a full spool trimmed the segment of the planned
+    flush first, and the replay then overwrote a delivered batch with fewer rows."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody there
+    outputs = {"prediction": np.array([0]), "probability": np.array([0.1])}
+    line = encode(
+        "r",
+        1_700_000_000_000_000_000,
+        IDENTITY,
+        list(FEATURES),
+        np.ones((1, len(FEATURES))),
+        outputs,
+        1.0,
+        "r1",
+    )
+    writer = SpoolWriter(SpoolSettings(directory=tmp_path, segment_max_bytes=len(line) * 10))
+    for _ in range(100):
+        writer.append(line, 1)
+    writer.close()
+    oldest = list_segments(tmp_path)[0]
+    settings = SidecarSettings(
+        spool=SpoolSettings(directory=tmp_path, max_bytes=len(line) * 50), flush_records=1, flush_interval_s=1
+    )
+    State(settings.state_path).plan({oldest.name: (0, oldest.size)}, 10, created_ms=1)  # then a crash
+
+    Sidecar(settings).step()
+    assert oldest.path.exists(), "the planned flush's segment was trimmed before its replay"
+    assert sum(s.size for s in list_segments(tmp_path)) <= 0.9 * settings.spool.max_bytes + oldest.size

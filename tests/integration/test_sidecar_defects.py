@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from logging_sidecar.reader import read_records
+from logging_sidecar.reader import UnreadableBatch, read_records
 from logging_sidecar.records import KEY
 from logging_sidecar.service import DEAD_LETTER_FILE
 from model.schema import FEATURES
@@ -327,3 +327,22 @@ def test_a_sigkill_at_each_fault_point_loses_and_duplicates_nothing(shipping, po
     records = shipping.records()
     assert len(records) == 12 and not records.duplicated(KEY).any()
     assert sorted(records["request_id"]) == sorted(shipping.sent)
+
+
+def test_a_corrupt_batch_is_skipped_and_named_unless_strict(shipping):
+    """Defect 9: on main one unreadable artifact failed the whole read."""
+    shipping.write(5)
+    shipping.start()
+    shipping.wait_shipped(5)
+    experiment = shipping.client.get_experiment_by_name(shipping.experiment).experiment_id
+    [run] = shipping.client.search_runs([experiment])
+    corrupt = shipping.root / "batch-replica-a-0000000099-000000000000.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    shipping.client.log_artifact(run.info.run_id, str(corrupt), "records")
+
+    records = shipping.records()
+    assert sorted(records["request_id"]) == sorted(shipping.sent)
+    [(name, reason)] = records.attrs["skipped"]
+    assert name == f"{run.info.run_id}/records/{corrupt.name}" and reason
+    with pytest.raises(UnreadableBatch, match=corrupt.name):
+        shipping.records(strict=True)
