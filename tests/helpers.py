@@ -247,6 +247,8 @@ def check_read_back(
     Returns the answered rows that are missing (all excused)."""
     from model.schema import FEATURES
 
+    skipped = records.attrs.get("skipped")
+    assert not skipped, f"batches read_records could not read: {skipped}"
     expected = answered_frame(answers)
     keys = ["request_id", "row_index"]
     got = records.assign(
