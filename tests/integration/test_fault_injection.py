@@ -120,8 +120,9 @@ class FaultStack:
 
     def __init__(self, root: Path, spool: Path):
         self.root, self.spool = root, spool
-        self.mlflow = services.mlflow(root / "mlflow", port=free_port())
-        self.tracking_uri = self.mlflow.health_url.removesuffix("/health")
+        mlflow_port = free_port()  # kept across restarts: clients keep their URI
+        self.mlflow = services.mlflow(root / "mlflow", port=mlflow_port)
+        self.tracking_uri = services.tracking_uri(mlflow_port)
         self.sidecar_port = free_port()
         self.experiment = f"{INFERENCE_EXPERIMENT}-{spool.name}"  # each test reads back only its own
         self.live: dict[str, subprocess.Popen] = {}
