@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -132,6 +133,25 @@ class CutOff(AssertionError):
     """A request the server had accepted got no complete answer."""
 
 
+class HeldBody:
+    """A request body sent in two halves: the second only once ``release`` is called, so the
+    request is certainly in flight (accepted, not finished) in between."""
+
+    def __init__(self):
+        self.first_half_sent = threading.Event()
+        self._released = threading.Event()
+
+    def halves(self, body: bytes):
+        middle = len(body) // 2
+        yield body[:middle]
+        self.first_half_sent.set()  # httpx asks for the next part once it sent this one
+        self._released.wait(timeout=300)
+        yield body[middle:]
+
+    def release(self):
+        self._released.set()
+
+
 class Client:
     """Posts V2 requests built from sample rows and remembers what was answered, by whom.
 
@@ -155,18 +175,21 @@ class Client:
         picks = self.random.integers(0, len(self.sample), size=count)
         return self.sample.iloc[picks].reset_index(drop=True)
 
-    def send(self, rows: int = 1, timeout: float = 120) -> Answer | None:
+    def send(self, rows: int = 1, timeout: float = 120, hold: HeldBody | None = None) -> Answer | None:
+        """One request; with ``hold``, its body is sent in two halves (see ``HeldBody``)."""
         # Imported here: that module imports this one.
         from tests.integration.test_serving import v2_body
 
         frame = self.rows(rows)
         request_id = f"req-{uuid.uuid4().hex}"
+        body = json.dumps(v2_body(frame, id=request_id)).encode()
         try:
             # A new connection per request: a kept-alive one may be closed by a stopping
             # server between requests, which is no cut-off.
             response = httpx.post(
                 f"{self.url}/v2/models/{MODEL_NAME}/infer",
-                json=v2_body(frame, id=request_id),
+                content=body if hold is None else hold.halves(body),
+                headers={"Content-Type": "application/json"},
                 timeout=timeout,
             )
         except httpx.ConnectError:

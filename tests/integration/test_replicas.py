@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import uuid
 
@@ -16,7 +17,15 @@ from mlflow.tracking import MlflowClient
 
 from logging_sidecar.reader import read_records
 from stack import processes, services
-from tests.helpers import Client, Load, check_read_back, free_port, live_group_members, serving_service
+from tests.helpers import (
+    Client,
+    HeldBody,
+    Load,
+    check_read_back,
+    free_port,
+    live_group_members,
+    serving_service,
+)
 from training.data import load_training_data
 
 pytestmark = pytest.mark.integration
@@ -97,13 +106,24 @@ def test_sigterm_of_one_pair_mid_traffic_loses_and_duplicates_nothing(replicas, 
     sample = load_training_data(sample_path).features
     clients = [Client(sample, replica.url, replica.name, seed=n) for n, replica in enumerate(pair)]
     leaving, staying = pair
+    held = HeldBody()  # a request certainly in flight when the SIGTERM lands
+    held_answer = []
+    in_flight = threading.Thread(target=lambda: held_answer.append(clients[0].send(20, hold=held)))
     with Load(clients[0], threads=3), Load(clients[1], threads=3):
         time.sleep(8)
+        in_flight.start()
+        assert held.first_half_sent.wait(timeout=60), "the held request never started"
         answered_before = clients[0].answered_rows
         leaving.sigterm_both()
+        time.sleep(1)  # the server is stopping now, with the held request half received
+        held.release()
+        in_flight.join(timeout=DRAIN_S)
         exits = leaving.wait_exit(timeout=DRAIN_S + 60)
         time.sleep(3)  # the other replica keeps serving
     assert answered_before > 0 and clients[1].answers, "no traffic was answered before the SIGTERM"
+    assert held_answer and held_answer[0] is not None, (
+        f"the request in flight at the SIGTERM was not answered: {clients[0].cut_off[-3:]}"
+    )
     server_exit = exits[leaving.server.name]
     assert server_exit == 0, f"the terminated server exited {server_exit}:\n{leaving.log(leaving.server)}"
     sidecar_exit = exits[leaving.sidecar.name]
