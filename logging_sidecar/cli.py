@@ -75,4 +75,6 @@ def show_records(args) -> int:
     else:
         raise ValueError(f"--output must end in .parquet or .csv, got {args.output}")
     print(f"{len(records)} records", file=sys.stderr)
+    for name, reason in records.attrs["skipped"]:
+        print(f"skipped unreadable batch {name}: {reason}", file=sys.stderr)
     return 0

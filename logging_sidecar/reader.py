@@ -99,7 +99,7 @@ def _oldest_first(records: pd.DataFrame) -> pd.DataFrame:
     """Sorted on timestamp, request id, row index: numpy's lexsort on the request ids' codes
     takes ~0.3 s for a million rows where ``sort_values`` on the strings took ~2.8 s."""
     request_codes, _ = pd.factorize(records["request_id"], sort=True)
-    stamps = records["timestamp"].values  # datetime64; to_numpy() would give Timestamp objects
+    stamps = records["timestamp"].array.asi8  # ns since the epoch; to_numpy() gives objects
     order = np.lexsort((records["row_index"].to_numpy(), request_codes, stamps))
     return records.take(order).reset_index(drop=True)
 

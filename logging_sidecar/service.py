@@ -13,6 +13,7 @@ supervisor (``credit-risk up``, compose, Kubernetes) to restart it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -43,6 +44,43 @@ DEAD_LETTER_FILE = "dead-letters.ndjson"
 SPOOL_LOCK_FILE = ".sidecar.lock"
 # Local trouble worth retrying: the disk (or SQLite on it) is full or busy.
 _LOCAL_RETRYABLE = (OSError, OperationalError)
+
+
+class DiskReserve:
+    """A few MiB held on the state's disk, given up when that disk is full so the commit
+    that lets shipped segments be deleted can still be written; otherwise a spool that
+    filled its disk would stall shipping for good. Taken back once there is room again."""
+
+    SIZE = 2 << 20
+
+    def __init__(self, directory: Path):
+        self.path = directory / ".sidecar-reserve"
+
+    def ensure(self) -> None:
+        """Take it (back) only while the disk would keep as much again free."""
+        if self.path.exists() and self.path.stat().st_size == self.SIZE:
+            return
+        disk = os.statvfs(self.path.parent)
+        if disk.f_bavail * disk.f_frsize < 2 * self.SIZE:
+            return
+        try:
+            with open(self.path, "wb") as stream:
+                stream.write(bytes(self.SIZE))  # written, not sparse: tmpfs and ext4 alike
+        except OSError:
+            self.path.unlink(missing_ok=True)  # no room yet: try again next time
+
+    def release(self) -> bool:
+        if not self.path.exists():
+            return False
+        self.path.unlink()
+        logger.warning(f"disk full: released the {self.SIZE >> 20} MiB reserve {self.path} to commit")
+        return True
+
+
+def _disk_full(error: Exception) -> bool:
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return isinstance(error, OperationalError) and "full" in str(error)
 
 
 class SidecarMetrics:
@@ -87,6 +125,7 @@ class Sidecar:
         self.spool = settings.spool.directory
         self.spool.mkdir(parents=True, exist_ok=True)
         self.state = State(settings.state_path)
+        self.reserve = DiskReserve(settings.state_path.parent)
         self.shipper = shipper or Shipper(settings.experiment, self.state)
         self.metrics = SidecarMetrics()
         self._positions = self.state.shipped_offsets()
@@ -248,6 +287,9 @@ class Sidecar:
         self.metrics.failed_flushes.inc()
         self.last_error = f"{type(error).__name__}: {error}"
         self.error_is_permanent = isinstance(error, MlflowException) and error.get_http_status_code() < 500
+        if _disk_full(error) and self.reserve.release():
+            self._retry_at = 0.0  # at once, into the room just freed
+            return
         backoff = min(self._backoff, 1.0) if self.draining else self._backoff
         logger.warning(f"flush failed, retrying in {backoff:.0f} s: {self.last_error}")
         self._retry_at = time.monotonic() + backoff
@@ -257,6 +299,7 @@ class Sidecar:
         """One pass: replay a planned flush, observe the spool, read, ship what is due."""
         self.turned_at = time.monotonic()
         try:
+            self.reserve.ensure()
             if self._inflight is None and (planned := self.state.planned()):
                 self._inflight = (planned, self._replay(planned))
             segments = self._observe_spool()

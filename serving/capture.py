@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SpoolSettings", "SpoolWriter", "encode", "spool_bytes"]
 _USAGE_REFRESH_S = 1.0
+_RETRY_AFTER_FAILURE_S = 1.0  # a full disk: don't create an empty segment per request
 _FULL_LOG_EVERY_S = 60.0
 
 
@@ -122,6 +123,7 @@ class SpoolWriter:
         self._usage = 0
         self._usage_checked_at = 0.0
         self._last_full_log = 0.0
+        self._failed_at: float | None = None
         self.dropped = 0
 
     def _hold_lock(self) -> None:
@@ -174,6 +176,9 @@ class SpoolWriter:
 
     def append(self, line: bytes, rows: int) -> bool:
         """Append one request; False (counted in ``dropped``) when it could not be kept."""
+        if self._failed_at is not None and time.monotonic() - self._failed_at < _RETRY_AFTER_FAILURE_S:
+            self._drop(rows, f"a write to spool {self.directory} failed under a second ago")
+            return False
         try:
             if self._spool_full():
                 self._drop(
@@ -198,6 +203,7 @@ class SpoolWriter:
         except OSError as error:
             self._drop(rows, f"cannot write to spool {self.directory}: {error}")
             self._abandon_segment()
+            self._failed_at = time.monotonic()
             return False
 
     def _abandon_segment(self) -> None:

@@ -91,7 +91,8 @@ def up(args) -> int:
 
 def down(args) -> int:
     stack = LocalStack(args)
-    for service in (stack.sidecar, stack.serving, stack.mlflow):
+    # Serving first: the sidecar's drain waits for it to release the spool, then ships.
+    for service in (stack.serving, stack.sidecar, stack.mlflow):
         stopped = processes.stop(service, stack.state_dir)
         print(f"{service.name}: {'stopped' if stopped else 'not running'}")
     return 0

@@ -18,6 +18,7 @@ from logging_sidecar.reader import read_records
 from logging_sidecar.records import KEY
 from model.schema import FEATURES
 from serving.settings import MODEL_NAME
+from serving.spool_format import live_writers
 from stack import processes, services
 from tests.helpers import credit_risk, free_port, serving_service
 from tests.integration.test_serving import v2_body
@@ -212,7 +213,8 @@ def test_sidecar_killed_in_the_middle_of_a_flush(stack):
 
 def test_records_answered_before_an_mlserver_crash_are_shipped(stack):
     stack.send(25)
-    stack.kill("mlserver", signal.SIGKILL)
+    stack.kill("mlserver", signal.SIGKILL)  # the whole process group
+    assert live_writers(stack.spool) == [], "a process of the killed server still holds the spool"
     stack.start_mlserver()
     stack.send(5)
     stack.wait_shipped()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -346,3 +347,51 @@ def test_a_corrupt_batch_is_skipped_and_named_unless_strict(shipping):
     assert name == f"{run.info.run_id}/records/{corrupt.name}" and reason
     with pytest.raises(UnreadableBatch, match=corrupt.name):
         shipping.records(strict=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs: a disk that really fills up (a file-size limit is another fault)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0750", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_spool_that_filled_its_disk_ships_everything_it_kept(shipping, small_disk):
+    """The state database shares the spool's disk: the sidecar's reserve lets it commit, so
+    shipped segments can be deleted and the disk empties."""
+    shipping.spool = small_disk
+    shipping.writer.close()
+    shipping.writer = SpoolWriter(SpoolSettings(directory=small_disk, segment_max_bytes=1 << 20))
+    reachable = shipping.tracking_uri
+    shipping.tracking_uri = f"http://127.0.0.1:{free_port()}"  # nothing ships while it fills
+    big_batches = {"CREDIT_RISK_FLUSH_RECORDS": "1000", "CREDIT_RISK_MAX_BATCH_RECORDS": "10000"}
+    shipping.start(**big_batches)
+    while True:
+        request_id, line = request_line(rows=50)
+        if not shipping.writer.append(line, 50):
+            break
+        shipping.sent[request_id] = 50
+    assert shipping.writer.dropped == 50 and len(shipping.sent) > 100
+    shipping.stop(signal.SIGKILL)
+
+    shipping.tracking_uri = reachable
+    shipping.start(**big_batches)
+    shipping.wait_shipped(sum(shipping.sent.values()), timeout=180)
+    records = shipping.records()
+    assert len(records) == sum(shipping.sent.values()) and not records.duplicated(KEY).any()
+    assert "released the 2 MiB reserve" in shipping.log.read_text()
+    time.sleep(1.5)  # the writer's back-off after a failed write
+    shipping.write(1)  # room again: shipped segments were deleted
+    shipping.writer.close()  # before the disk goes away
+    shipping.stop(signal.SIGKILL)
