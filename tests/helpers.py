@@ -129,10 +129,6 @@ class Answer:
     replica: str | None = None
 
 
-class CutOff(AssertionError):
-    """A request the server had accepted got no complete answer."""
-
-
 class HeldBody:
     """A request body sent in two halves: the second only once ``release`` is called, so the
     request is certainly in flight (accepted, not finished) in between."""
