@@ -369,10 +369,12 @@ def test_every_answered_row_is_read_back_exactly_once_through_the_faults(trained
         stack.start(stack.sidecar(), timeout=60)
         with Health(stack.sidecar_port) as health:
             faults = Faults(stack, client, health, rng)
+            started = time.monotonic()
             with Load(client, threads=2):
                 for event in schedule:
                     faults.run(event)
                 faults.ensure_sidecar()
+            faults_took = time.monotonic() - started
             rows = client.answered_rows
             deleted = set()
             for run_id in faults.deleted_runs:
@@ -382,7 +384,7 @@ def test_every_answered_row_is_read_back_exactly_once_through_the_faults(trained
     finally:
         stack.stop_all()
 
-    print("faults that happened:", dict(faults.happened))
+    print(f"faults that happened ({len(schedule)} events in {faults_took:.0f} s):", dict(faults.happened))
     print(
         f"answered: {len(client.answers)} requests, {rows} rows; not answered: {len(client.unanswered)} "
         f"cut off, {client.refused} refused; read back: {len(records)} records; "
