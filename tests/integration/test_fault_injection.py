@@ -40,6 +40,7 @@ from logging_sidecar.reader import read_records
 from logging_sidecar.service import DEAD_LETTER_FILE
 from logging_sidecar.settings import INFERENCE_EXPERIMENT
 from logging_sidecar.shipper import RECORDS_DIR
+from serving.capture import _RETRY_AFTER_FAILURE_S as RETRY_AFTER_FAILURE_S
 from serving.capture import OPEN_SUFFIX
 from stack import processes, services
 from tests.helpers import (
@@ -500,6 +501,8 @@ def test_a_full_spool_disk_fails_no_inference_and_loses_only_what_it_counts(trai
                 # missing now waited through the whole full-disk window, a stuck state.
                 before = read_records(client=MlflowClient(stack.tracking_uri), experiment=stack.experiment)
                 full_until = time.monotonic()
+            # The writer waits this long after a failed write before it tries again.
+            time.sleep(RETRY_AFTER_FAILURE_S + 1)
             last_full = len(client.answers)
             time.sleep(5)
         sidecar = stack.live["sidecar-plain"]
