@@ -164,7 +164,7 @@ class Client:
         self.answers: list[Answer] = []
         self.unanswered: list[str] = []
         self.refused = 0  # connection refused: never accepted by a server
-        self.cut_off: list[str] = []  # accepted, then no (or a non-200) answer
+        self.cut_off: list[tuple[str, str]] = []  # (request id, what happened): no 200 answer
         self._lock = threading.Lock()
 
     def rows(self, count: int) -> pd.DataFrame:
@@ -195,12 +195,12 @@ class Client:
         except httpx.HTTPError as error:
             with self._lock:
                 self.unanswered.append(request_id)
-                self.cut_off.append(f"{request_id}: {type(error).__name__}: {error}")
+                self.cut_off.append((request_id, f"{type(error).__name__}: {error}"))
             return None
         if response.status_code != 200:
             with self._lock:
                 self.unanswered.append(request_id)
-                self.cut_off.append(f"{request_id}: HTTP {response.status_code} {response.text[:200]}")
+                self.cut_off.append((request_id, f"HTTP {response.status_code} {response.text[:200]}"))
             return None
         outputs = {o["name"]: np.ravel(o["data"]) for o in response.json()["outputs"]}
         answer = Answer(request_id, frame, outputs["probability"].astype("float64"), self.replica)

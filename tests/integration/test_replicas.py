@@ -130,19 +130,26 @@ def test_sigterm_of_one_pair_mid_traffic_loses_and_duplicates_nothing(replicas, 
     assert sidecar_exit == 0, f"the terminated sidecar exited {sidecar_exit}:\n{leaving.log(leaving.sidecar)}"
     for process in leaving.processes.values():
         assert not live_group_members(process.pid), f"orphans of {process.args}"
-    for client in clients:
-        assert not client.cut_off, (
-            f"{client.replica}: requests accepted but not answered: {client.cut_off[:3]}"
-        )
+    assert not clients[1].cut_off, f"{staying.name} failed requests: {clients[1].cut_off[:3]}"
     print(
         f"answered rows: {leaving.name} {clients[0].answered_rows} ({clients[0].answered_rows - answered_before} "
-        f"finished after the SIGTERM, {clients[0].refused} refused), "
+        f"finished after the SIGTERM, {clients[0].refused} refused, {len(clients[0].cut_off)} closed unread), "
         f"{staying.name} {clients[1].answered_rows}"
     )
 
     answers = clients[0].answers + clients[1].answers
     rows = sum(len(a.features) for a in answers)
     records = _read_until_complete(MlflowClient(tracking_uri), experiment, rows)
-    check_read_back(answers, records)
+    check_read_back(answers, records, unanswered=clients[0].unanswered)
+    # Stopping, uvicorn closes the connections on which it has not read a request yet: the
+    # client sees "Server disconnected" for a request the server never took, so never scored.
+    # A request the server took (it has a record) or any other failure is a cut-off.
+    recorded = set(records["request_id"].astype(str))
+    cut_off = [
+        (request_id, what)
+        for request_id, what in clients[0].cut_off
+        if request_id in recorded or "disconnected without sending a response" not in what
+    ]
+    assert not cut_off, f"{leaving.name}: requests accepted but not answered: {cut_off[:3]}"
     assert "replica" in records.columns, f"records carry no replica column: {list(records.columns)}"
     check_read_back(answers, records, check_replica=True)
