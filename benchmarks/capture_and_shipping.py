@@ -199,7 +199,7 @@ def main() -> None:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?")
     print(
         f"date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; machine: {os.cpu_count()} cores, {cpu}, "
-        f"Python {platform.python_version()}; MLServer with 1 worker process, OMP_NUM_THREADS=1"
+        f"Python {platform.python_version()}; MLServer in one process (no worker pool), OMP_NUM_THREADS=1"
     )
     sequential_ms = serving_figures["sequential_ms"]
     p50 = {name: percentile(values, 50) for name, values in sequential_ms.items()}

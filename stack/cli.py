@@ -1,6 +1,6 @@
 """The ``credit-risk`` command: one entry point for every part of the project.
 
-``train``, ``serve`` and ``sidecar`` run one part in the foreground; ``promote``,
+``train``, ``serve``, ``sidecar`` and ``tracking-server`` run one part in the foreground; ``promote``,
 ``rollback`` and ``status`` move and show Production; ``up`` and ``down`` start and stop the
 whole local stack in the background.
 """
@@ -19,11 +19,10 @@ from logging_sidecar import settings as sidecar_settings
 from logging_sidecar.cli import add_parser as add_sidecar_parser
 from serving.cli import add_parser as add_serve_parser
 from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME, SERVING_DIR
-from stack import processes, services
+from stack import processes, services, tracking_server
 from training.cli import add_parser as add_train_parser
 from training.promotion_cli import add_parsers as add_promotion_parsers
 
-DEFAULT_STATE_DIR = Path(os.environ.get("CREDIT_RISK_HOME", ".credit-risk"))
 EXAMPLE_REQUEST = SERVING_DIR / "example-request.json"
 
 
@@ -35,7 +34,11 @@ class LocalStack:
         self.tracking_uri = services.tracking_uri(args.mlflow_port)
         self.infer_url = f"http://{services.LOOPBACK}:{args.http_port}/v2/models/{MODEL_NAME}/infer"
         spool = self.state_dir / "spool"
-        self.mlflow = services.mlflow(self.state_dir / "mlflow", port=args.mlflow_port)
+        self.mlflow = services.mlflow(
+            self.state_dir / "mlflow",
+            port=args.mlflow_port,
+            backend_store_uri=getattr(args, "backend_store_uri", None),
+        )
         self.serving = services.serving(self.tracking_uri, args.http_port, CREDIT_RISK_SPOOL_DIR=str(spool))
         self.sidecar = services.sidecar(self.tracking_uri, spool, args.sidecar_port, supervised=True)
 
@@ -107,7 +110,7 @@ def _add_stack_parsers(subparsers) -> None:
         parser.add_argument(
             "--state-dir",
             type=Path,
-            default=DEFAULT_STATE_DIR,
+            default=services.DEFAULT_STATE_DIR,
             help="where the stack keeps its database, artifacts, logs and pids "
             "($CREDIT_RISK_HOME, default ./.credit-risk)",
         )
@@ -116,6 +119,12 @@ def _add_stack_parsers(subparsers) -> None:
         parser.add_argument("--sidecar-port", type=int, default=sidecar_settings.DEFAULT_PORT)
         if name == "up":
             parser.add_argument("--data", type=Path, help="training CSV (default: bundled sample)")
+            parser.add_argument(
+                "--backend-store-uri",
+                default=os.environ.get("MLFLOW_BACKEND_STORE_URI"),
+                help="MLflow's runs and registry, e.g. postgresql+psycopg2://user:password@host:5432/db "
+                "($MLFLOW_BACKEND_STORE_URI, default SQLite in the state folder)",
+            )
         parser.set_defaults(handler=handler)
 
 
@@ -129,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_promotion_parsers(subparsers)
     add_serve_parser(subparsers)
     add_sidecar_parser(subparsers)
+    tracking_server.add_parser(subparsers)
     _add_stack_parsers(subparsers)
     return parser
 
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         PromotionError,
         processes.ServiceError,
+        tracking_server.BackendStoreError,
         MlflowException,
         httpx.HTTPError,
         ConnectionError,

@@ -3,6 +3,7 @@ benchmarks alike: the MLflow tracking server, MLServer and the logging sidecar."
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,10 +11,8 @@ from stack.processes import Service
 
 LOOPBACK = "127.0.0.1"
 MLFLOW_PORT = 5000
-# The defaults (4 workers plus job consumers) take ~3 GB and ~11 s to become healthy;
-# two workers and no job execution take ~0.8 GB and ~5 s.
-MLFLOW_WORKERS = 2
-MLFLOW_ENVIRONMENT = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+# Where `credit-risk up` keeps MLflow's SQLite file and artifacts, logs and pids.
+DEFAULT_STATE_DIR = Path(os.environ.get("CREDIT_RISK_HOME", ".credit-risk"))
 
 _BIN = Path(sys.executable).parent
 
@@ -22,19 +21,23 @@ def tracking_uri(port: int, host: str = LOOPBACK) -> str:
     return f"http://{host}:{port}"
 
 
-def mlflow(store_dir: Path, port: int = MLFLOW_PORT) -> Service:
-    """SQLite backend, artifacts served by the server itself (clients need no shared folder)."""
+def sqlite_uri(store_dir: Path) -> str:
+    return f"sqlite:///{store_dir.resolve() / 'mlflow.db'}"
+
+
+def mlflow(store_dir: Path, port: int = MLFLOW_PORT, backend_store_uri: str | None = None) -> Service:
+    """``credit-risk tracking-server``: SQLite in ``store_dir`` unless ``backend_store_uri``
+    names another store; artifacts in ``store_dir``, served by the server itself (clients need
+    no shared folder). The URI travels in the environment, so no process list shows it."""
     store_dir = store_dir.resolve()
     store_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        str(_BIN / "mlflow"), "server",
+        str(_BIN / "credit-risk"), "tracking-server",
         "--host", LOOPBACK, "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{store_dir / 'mlflow.db'}",
         "--artifacts-destination", str(store_dir / "artifacts"),
-        "--serve-artifacts",
-        "--workers", str(MLFLOW_WORKERS),
     ]  # fmt: skip
-    return Service("mlflow", command, f"{tracking_uri(port)}/health", dict(MLFLOW_ENVIRONMENT))
+    env = {"MLFLOW_BACKEND_STORE_URI": backend_store_uri or sqlite_uri(store_dir)}
+    return Service("mlflow", command, f"{tracking_uri(port)}/health", env)
 
 
 def serving(

@@ -11,6 +11,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from tests.helpers import REAL_DATA, SAMPLE, credit_risk, mlflow_tracking_server, running, serving_service
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_active_experiment():
+    """``mlflow.set_experiment`` pins the active experiment process-wide (and exports
+    MLFLOW_EXPERIMENT_ID to every child process); a test that leaves it set breaks later
+    modules with "No Experiment with id=N", far from the cause. Fail the test that did it."""
+    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    yield
+    after = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if after != before:
+        pytest.fail(f"this test left MLFLOW_EXPERIMENT_ID={after!r} set: use an explicit experiment_id")
+
+
 @pytest.fixture(scope="session")
 def sample_path():
     assert SAMPLE.is_file(), f"bundled sample missing: {SAMPLE}"

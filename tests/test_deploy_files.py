@@ -1,5 +1,6 @@
 """Static checks of the deployment files: hadolint and `docker compose config`."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ def test_dockerfiles_pass_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_compose_file_is_valid():
+def _compose_config(*files: str) -> dict:
     if (
         shutil.which("docker") is None
         or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0
@@ -27,7 +28,24 @@ def test_compose_file_is_valid():
         if os.environ.get("CREDIT_RISK_REQUIRE_DOCKER") == "1":
             pytest.fail("CREDIT_RISK_REQUIRE_DOCKER=1 but `docker compose` is not available")
         pytest.skip("`docker compose` is not available")
+    flags = [arg for name in files for arg in ("-f", name)]
     result = subprocess.run(
-        ["docker", "compose", "config", "--quiet"], cwd=REPO, capture_output=True, text=True
+        ["docker", "compose", *flags, "config", "--format", "json"], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compose_file_runs_mlflow_on_an_unpublished_postgresql():
+    services = _compose_config("docker-compose.yml")["services"]
+    assert services["db"]["image"] == "postgres:15-bookworm"
+    assert not services["db"].get("ports")
+    assert services["mlflow"]["depends_on"]["db"]["condition"] == "service_healthy"
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+
+
+def test_sqlite_override_leaves_the_database_out():
+    services = _compose_config("docker-compose.yml", "docker-compose.sqlite.yml")["services"]
+    assert "db" not in services
+    assert not services["mlflow"].get("depends_on")
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("sqlite:////")

@@ -25,3 +25,12 @@ def test_tolerance_and_force():
     assert decide(0.849, 0.85, "3", tolerance=0.002).promote
     forced = decide(0.70, 0.85, "3", force=True)
     assert forced.promote and forced.outcome == "forced"
+
+
+def test_not_comparable_promotes_and_says_why_in_the_tags():
+    decision = decide(0.70, None, "3", not_comparable="v3 predates the content split")
+    assert decision.promote and decision.outcome == "not-comparable"
+    assert "predates the content split" in decision.reason
+    tags = decision.as_tags()
+    assert tags["gate.comparable"] == "false" and "gate.production_roc_auc" not in tags
+    assert decide(0.9, 0.8, "3").as_tags()["gate.comparable"] == "true"

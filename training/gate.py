@@ -1,21 +1,64 @@
-"""The promotion gate: a candidate replaces Production only when it is not worse.
+"""The promotion gate: a candidate replaces Production only when it serves exactly what was
+trained and is not worse than Production on rows neither of them trained on.
 
-Both models are scored on the same held-out rows, so the comparison is like for like.
+1. The candidate is loaded back from the registry with ``model.scoring.load``, the path
+   serving uses, and scores its held-out rows twice: in slices small enough for the flat
+   forest (as single requests are answered) and in one batch (scikit-learn's loop). Both
+   must equal, bit for bit, the ``predict_proba`` training computed; a candidate that cannot
+   load or answers differently is refused (``GateRefused``) and never promoted.
+2. Production is scored the same way on the candidate's held-out rows that its own split
+   also held out (``training.split``): rows neither model trained on.
+3. When Production has no split record (it predates the content split) or another rule, no
+   such rows are known: the gate says so (``gate.comparable=false`` and why) and promotes the
+   servable candidate, since there is nothing fair to hold against it and a rollback undoes it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_auc_score
+
+from model import scoring
+from model.forest import MAX_ROWS as FLAT_FOREST_MAX_ROWS
+from model.schema import TARGET
+from training import registry, split
+from training.registry import PromotionError
+
+ROWS_ARTIFACT = "gate/rows.parquet"
+
+
+class GateRefused(PromotionError):
+    """The candidate cannot be served as it was trained; it was not promoted."""
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The candidate's held-out rows and the probabilities training computed for them."""
+
+    features: pd.DataFrame
+    target: pd.Series
+    digests: list[bytes]
+    probability: np.ndarray
 
 
 @dataclass(frozen=True)
 class GateDecision:
     promote: bool
-    outcome: str  # "first", "passed", "rejected" or "forced"
+    outcome: str  # "first", "passed", "rejected", "forced", "not-comparable" or "refused"
     reason: str
-    candidate_score: float
+    candidate_score: float | None = None
     production_score: float | None = None
     production_version: str | None = None
+    comparable: bool | None = None  # None: nothing to compare with
+    rows: int | None = None
+    rows_fingerprint: str | None = None
 
     def as_tags(self, prefix: str = "gate.") -> dict[str, str]:
         tags = {
@@ -23,12 +66,16 @@ class GateDecision:
             "outcome": self.outcome,
             "reason": self.reason,
             "metric": "roc_auc",
-            "candidate_roc_auc": f"{self.candidate_score:.6f}",
         }
-        if self.production_score is not None:
-            tags["production_roc_auc"] = f"{self.production_score:.6f}"
-        if self.production_version is not None:
-            tags["production_version"] = self.production_version
+        optional = {
+            "candidate_roc_auc": None if self.candidate_score is None else f"{self.candidate_score:.6f}",
+            "production_roc_auc": None if self.production_score is None else f"{self.production_score:.6f}",
+            "production_version": self.production_version,
+            "comparable": None if self.comparable is None else str(self.comparable).lower(),
+            "rows": None if self.rows is None else str(self.rows),
+            "rows_fingerprint": self.rows_fingerprint,
+        }
+        tags.update({key: value for key, value in optional.items() if value is not None})
         return {prefix + key: value for key, value in tags.items()}
 
 
@@ -38,22 +85,164 @@ def decide(
     production_version: str | None = None,
     tolerance: float = 0.0,
     force: bool = False,
+    not_comparable: str | None = None,
 ) -> GateDecision:
-    """Promote when there is no Production model, when forced, or when the candidate's held-out
-    ROC AUC is at least Production's minus ``tolerance``."""
-    common = dict(
-        candidate_score=candidate_score,
-        production_score=production_score,
-        production_version=production_version,
-    )
-    if production_score is None:
+    """Promote when there is no Production model, when Production cannot be compared fairly
+    (``not_comparable`` says why), when forced, or when the candidate's ROC AUC is at least
+    Production's minus ``tolerance`` on rows neither trained on."""
+    common = dict(candidate_score=candidate_score, production_version=production_version)
+    if production_version is None:
         return GateDecision(True, "first", "no model in Production yet", **common)
+    if not_comparable is not None:
+        reason = f"not compared with Production v{production_version}: {not_comparable}"
+        return GateDecision(True, "not-comparable", reason, comparable=False, **common)
+    common.update(production_score=production_score, comparable=True)
     comparison = (
         f"candidate ROC AUC {candidate_score:.4f} vs Production v{production_version} "
-        f"{production_score:.4f} on the same held-out rows"
+        f"{production_score:.4f} on held-out rows neither model trained on"
     )
     if candidate_score >= production_score - tolerance:
         return GateDecision(True, "passed", f"not worse: {comparison}", **common)
     if force:
         return GateDecision(True, "forced", f"worse but forced: {comparison}", **common)
     return GateDecision(False, "rejected", f"worse: {comparison}", **common)
+
+
+def served_probability(loaded: scoring.LoadedModel, features: pd.DataFrame) -> np.ndarray:
+    """Probabilities as serving answers them: in flat-forest-sized slices, and checked
+    against one whole batch, so both of serving's tree evaluators are exercised."""
+    values = features.to_numpy(dtype=np.float64)
+    sliced = np.concatenate(
+        [
+            loaded.score(values[i : i + FLAT_FOREST_MAX_ROWS])[1]
+            for i in range(0, len(values), FLAT_FOREST_MAX_ROWS)
+        ]
+    )
+    whole = loaded.score(values)[1]
+    if sliced.tobytes() != whole.tobytes():
+        differ = int(np.sum(sliced != whole))
+        raise ValueError(f"{loaded.uri} answers {differ} rows differently in small and large batches")
+    return whole
+
+
+def _load_served(version: str) -> scoring.LoadedModel:
+    return scoring.load(f"models:/{registry.REGISTERED_MODEL_NAME}/{version}")
+
+
+def _candidate_probability(version: str, held_out: HeldOut) -> np.ndarray:
+    """The candidate's served answers; ``GateRefused`` unless they are training's, bit for bit."""
+    uri = f"models:/{registry.REGISTERED_MODEL_NAME}/{version}"
+    try:
+        served = served_probability(_load_served(version), held_out.features)
+    except Exception as error:  # whatever stops the gate here would stop serving it
+        raise GateRefused(
+            f"candidate v{version} cannot be served, so it is not promoted: loading {uri} as "
+            f"serving does and scoring its held-out rows failed with {type(error).__name__}: {error}"
+        ) from error
+    if served.tobytes() != held_out.probability.tobytes():
+        differ = served != held_out.probability
+        worst = float(np.nanmax(np.abs(served - held_out.probability)))
+        raise GateRefused(
+            f"candidate v{version} is not promoted: served from {uri} it answers {int(differ.sum())} "
+            f"of {len(served)} held-out rows differently from training's predict_proba "
+            f"(largest difference {worst:.3g})"
+        )
+    return served
+
+
+def _comparison_rows(production: ModelVersion, held_out: HeldOut) -> tuple[np.ndarray | None, str | None]:
+    """The held-out rows Production's own split also held out, or None and why there are none."""
+    record = split.SplitRecord.from_tags(production.tags)
+    if (why := record.why_not_comparable()) is not None:
+        return None, f"v{production.version} {why}"
+    rows = split.held_out(held_out.digests, record.test_share)
+    if rows.sum() == 0 or held_out.target[rows].nunique() < 2:
+        return None, f"fewer than two classes among the {int(rows.sum())} rows both splits held out"
+    return rows, None
+
+
+def _log_rows(client: MlflowClient, run_id: str, held_out: HeldOut, rows, candidate, production) -> None:
+    """The rows the gate scored and both models' answers, kept with the candidate's run."""
+    frame = held_out.features[rows].assign(**{TARGET: held_out.target[rows]})
+    frame = frame.assign(candidate_probability=candidate[rows])
+    if production is not None:
+        frame = frame.assign(production_probability=production)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / Path(ROWS_ARTIFACT).name
+        frame.to_parquet(path)
+        client.log_artifact(run_id, str(path), str(Path(ROWS_ARTIFACT).parent))
+
+
+def _record(client: MlflowClient, version: str, run_id: str, decision: GateDecision) -> None:
+    tags = decision.as_tags()
+    registry.tag_version(client, version, tags)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def _evaluate(client, version: str, run_id: str, held_out: HeldOut, tolerance: float, force: bool):
+    candidate = _candidate_probability(version, held_out)
+    everything = np.ones(len(candidate), dtype=bool)
+    production = registry.production_version(client)
+    if production is None:
+        _log_rows(client, run_id, held_out, everything, candidate, None)
+        return _with_rows(decide(_roc_auc(held_out, everything, candidate), None), held_out, everything)
+    rows, why = _comparison_rows(production, held_out)
+    production_probability = None
+    if rows is not None:
+        try:
+            production_probability = served_probability(
+                _load_served(production.version), held_out.features[rows]
+            )
+        except Exception as error:  # a Production that cannot be served is no yardstick
+            why = (
+                f"v{production.version} cannot be loaded and scored as serving does "
+                f"({type(error).__name__}: {error})"
+            )
+    if production_probability is None:
+        _log_rows(client, run_id, held_out, everything, candidate, None)
+        decision = decide(
+            _roc_auc(held_out, everything, candidate), None, production.version, not_comparable=why
+        )
+        return _with_rows(decision, held_out, everything)
+    _log_rows(client, run_id, held_out, rows, candidate, production_probability)
+    decision = decide(
+        _roc_auc(held_out, rows, candidate),
+        float(roc_auc_score(held_out.target[rows], production_probability)),
+        production.version,
+        tolerance=tolerance,
+        force=force,
+    )
+    return _with_rows(decision, held_out, rows)
+
+
+def _roc_auc(held_out: HeldOut, rows: np.ndarray, probability: np.ndarray) -> float:
+    return float(roc_auc_score(held_out.target[rows], probability[rows]))
+
+
+def _with_rows(decision: GateDecision, held_out: HeldOut, rows: np.ndarray) -> GateDecision:
+    """The decision with the count and fingerprint of the rows it was made on."""
+    fingerprint = split.fingerprint([d for d, keep in zip(held_out.digests, rows, strict=True) if keep])
+    return replace(decision, rows=int(rows.sum()), rows_fingerprint=fingerprint)
+
+
+def run(
+    client: MlflowClient,
+    version: str,
+    run_id: str,
+    held_out: HeldOut,
+    *,
+    tolerance: float = 0.0,
+    force: bool = False,
+) -> GateDecision:
+    """Check, compare and (maybe) promote registered ``version``; the decision is tagged on the
+    version and its run. Raises ``GateRefused``, after tagging, when it cannot be served."""
+    try:
+        decision = _evaluate(client, version, run_id, held_out, tolerance, force)
+    except GateRefused as refusal:
+        _record(client, version, run_id, GateDecision(False, "refused", str(refusal)))
+        raise
+    _record(client, version, run_id, decision)
+    if decision.promote:
+        registry.promote(client, version, reason=f"gate: {decision.reason}", source="gate")
+    return decision

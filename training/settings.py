@@ -49,6 +49,11 @@ class TrainingSettings:
     )
     # Where people open the MLflow UI when that differs from MLFLOW_TRACKING_URI (containers).
     ui_url: str | None = field(default_factory=lambda: os.environ.get("CREDIT_RISK_MLFLOW_UI_URL"))
+    # Processes for the independent fits (CV folds beside the final fit) and the permutation
+    # importance; the model is the same whatever the number.
+    train_jobs: int = field(
+        default_factory=lambda: int(os.environ.get("CREDIT_RISK_TRAIN_JOBS", "0")) or os.cpu_count() or 1
+    )
     retrain: bool = field(default_factory=lambda: os.environ.get("CREDIT_RISK_RETRAIN", "0") == "1")
 
     def __post_init__(self):
@@ -56,6 +61,8 @@ class TrainingSettings:
             raise ValueError(f"test_size must be between 0 and 1, got {self.test_size}")
         if self.cv_folds < 2:
             raise ValueError(f"cv_folds must be at least 2, got {self.cv_folds}")
+        if self.train_jobs < 1:
+            raise ValueError(f"CREDIT_RISK_TRAIN_JOBS must be at least 1, got {self.train_jobs}")
         if self.gate_tolerance < 0:
             raise ValueError(f"gate_tolerance must be >= 0, got {self.gate_tolerance}")
 

@@ -1,4 +1,5 @@
-"""`docker compose up` for real: build, health in order, inference, records, restarts.
+"""`docker compose up` for real: build, health in order, inference, records, restarts, with
+MLflow's runs and registry in the `db` service's PostgreSQL.
 
 Runs under its own project name, image tag and free published ports, so it never touches a
 user's stack, and removes everything it created (containers, volumes, network, images).
@@ -23,7 +24,7 @@ from training.registry import REGISTERED_MODEL_NAME
 
 pytestmark = pytest.mark.docker
 
-LONG_RUNNING = ("mlflow", "serving", "sidecar")
+LONG_RUNNING = ("db", "mlflow", "serving", "sidecar")
 
 
 def _docker_usable() -> bool:
@@ -82,6 +83,15 @@ class Compose:
         for service in LONG_RUNNING:
             assert by_service[service]["Health"] == "healthy", by_service[service]
         assert by_service["trainer"]["ExitCode"] == 0, by_service["trainer"]
+        assert not any(p.get("PublishedPort") for p in by_service["db"].get("Publishers") or []), by_service[
+            "db"
+        ]
+
+    def sql(self, query: str) -> list[list[str]]:
+        """Rows of ``query`` run in MLflow's database, inside the ``db`` container."""
+        out = self.run("exec", "-T", "db", "psql", "--username=mlflow", "--dbname=mlflow",
+                       "--no-align", "--tuples-only", "--field-separator=|", "--command", query).stdout  # fmt: skip
+        return [line.split("|") for line in out.splitlines() if line]
 
     def infer(self, request_id: str) -> dict:
         body = json.loads((SERVING_DIR / "example-request.json").read_text())
@@ -135,6 +145,11 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
         assert answer["model_version"] == "1" and answer["id"] == request_id
     records = compose.wait_for_records(first)
     assert len(records) == 2 * len(first)  # the example request has two rows, each once
+    # Runs and registry are in PostgreSQL, not in a SQLite file on MLflow's volume.
+    assert compose.sql(
+        f"SELECT version, current_stage FROM model_versions WHERE name = '{REGISTERED_MODEL_NAME}'"
+    ) == [["1", "Production"]]
+    assert "mlflow.db" not in compose.run("exec", "-T", "mlflow", "ls", "/var/lib/credit-risk/mlflow").stdout
 
     for how in (("restart",), ("down", "up")):
         if how == ("restart",):
@@ -151,6 +166,9 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
             compose.client().search_runs([e.experiment_id for e in compose.client().search_experiments()])
         )
         assert runs_after >= runs_before, how
+        assert compose.sql("SELECT count(*) FROM runs WHERE lifecycle_stage = 'active'") == [
+            [str(runs_after)]
+        ], how
         more = {f"docker-{uuid.uuid4().hex}" for _ in range(3)}
         for request_id in more:
             compose.infer(request_id)

@@ -122,14 +122,16 @@ def registry_uri(tmp_path_factory, sample_path):
     process = processes.start(mlflow_service, root)
     processes.wait_healthy(mlflow_service, process, root, 120)
     uri = services.tracking_uri(port)
+    state = {"uri": uri, "root": root, "service": mlflow_service, "process": process}
     try:
         first = credit_risk("train", "--data", str(sample_path), tracking_uri=uri)
         assert first.returncode == 0, first.stdout + first.stderr
         weaker = credit_risk("train", "--data", str(sample_path), *WEAKER, tracking_uri=uri)
         assert weaker.returncode == 0 and "NOT promoted" in weaker.stdout, weaker.stdout + weaker.stderr
-        yield {"uri": uri, "root": root, "service": mlflow_service, "process": process}
+        yield state
     finally:
-        processes.terminate(process.pid)
+        # A test may have killed and restarted MLflow: stop whichever process is current.
+        processes.terminate(state["process"].pid)
 
 
 @pytest.fixture(scope="module")

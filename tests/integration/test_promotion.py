@@ -271,9 +271,13 @@ class NotACreditRiskModel(mlflow.pyfunc.PythonModel):
 
 
 def register_unservable(client) -> str:
-    """A version that MLflow loads but serving cannot: a trivial pyfunc under our name."""
-    mlflow.set_experiment("not-credit-risk")
-    with mlflow.start_run() as run:
+    """A version that MLflow loads but serving cannot: a trivial pyfunc under our name.
+
+    The run goes to an explicit experiment: ``mlflow.set_experiment`` would pin the
+    process-wide active experiment (and MLFLOW_EXPERIMENT_ID) for every later test module."""
+    experiment = client.get_experiment_by_name("not-credit-risk")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("not-credit-risk")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         info = mlflow.pyfunc.log_model(name="model", python_model=NotACreditRiskModel(), pip_requirements=[])
     version = client.create_model_version(
         NAME, info.model_uri, run_id=run.info.run_id, model_id=info.model_id, await_creation_for=60

@@ -21,7 +21,7 @@ from serving.settings import MODEL_NAME
 from serving.spool_format import live_writers
 from stack import processes, services
 from tests.helpers import credit_risk, free_port, serving_service
-from tests.integration.test_serving import v2_body
+from tests.integration.test_serving import flat, v2_body
 from training.data import load_training_data
 
 pytestmark = pytest.mark.integration
@@ -151,6 +151,28 @@ def test_every_answered_row_is_one_record_field_by_field(stack):
             assert record["dataset_hash"] == answer["parameters"]["dataset_hash"]
             assert record["model_name"] == MODEL_NAME and record["latency_ms"] > 0
     assert str(records["timestamp"].dt.tz) == "UTC"
+
+
+def test_a_seed_predict_call_is_captured_and_shipped_like_v2(stack):
+    """``POST /predict`` (the seed's flat JSON) goes through the same capture as V2."""
+    frame = stack.sample.iloc[7:10].reset_index(drop=True)
+    response = httpx.post(
+        f"{stack.mlserver_url}/predict", json=flat(frame), headers={"X-Request-ID": "seed-batch"}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    stack.sent.append(("seed-batch", frame, answers))
+    stack.wait_shipped()
+    stack.assert_exactly_once()
+
+    records = read_records(client=MlflowClient(stack.tracking_uri)).set_index(["request_id", "row_index"])
+    for row, answer in enumerate(answers):
+        record = records.loc[("seed-batch", row)]
+        assert (record["probability"], record["prediction"]) == (answer["probability"], answer["prediction"])
+        assert record["model_version"] == answer["model_version"]
+        for name in FEATURES:
+            sent, got = frame.loc[row, name], record[name]
+            assert (np.isnan(sent) and np.isnan(got)) or sent == got, name
 
 
 def test_capture_works_without_worker_processes(stack):

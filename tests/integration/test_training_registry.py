@@ -45,7 +45,13 @@ def test_the_run_holds_everything_a_reviewer_needs(trained, tracking_uri, sample
         "reference/training_sample.parquet",
         "feature_importance.json",
     } <= artifacts
-    for line in ("Reading and checking", "Cross-validating", "Fitting", "Registering", "Gate"):
+    for line in (
+        "Reading and checking",
+        "Cross-validating",
+        "fitting the final model",
+        "Registering",
+        "Gate",
+    ):
         assert line in trained.stdout
     assert "done in" in trained.stdout and f"/runs/{run.info.run_id}" in trained.stdout
     assert f"version {version.version} (stage Production)" in trained.stdout
