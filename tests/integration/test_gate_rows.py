@@ -130,8 +130,12 @@ def broken_version(client: MlflowClient, tmp_path: Path) -> tuple[str, str]:
     """A registered credit-risk model whose pipeline artifact is not a pipeline."""
     broken = tmp_path / "pipeline.joblib"
     broken.write_bytes(b"not a pickled pipeline")
-    mlflow.set_experiment("gate-broken-artifact")
-    with mlflow.start_run() as run:
+    # An explicit experiment: set_experiment would pin it process-wide for later modules.
+    experiment = client.get_experiment_by_name("gate-broken-artifact")
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment("gate-broken-artifact")
+    )
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=CreditRiskModel(),
