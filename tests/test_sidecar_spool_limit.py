@@ -21,11 +21,10 @@ IDENTITY = {
 }
 
 
-def test_oldest_segments_are_dropped_first_when_mlflow_is_unreachable(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+def _one_row_line() -> bytes:
+    """One captured single-row request, as the writer encodes it."""
     outputs = {"prediction": np.array([0]), "probability": np.array([0.1])}
-    line = encode(
+    return encode(
         "r",
         1_700_000_000_000_000_000,
         IDENTITY,
@@ -35,6 +34,12 @@ def test_oldest_segments_are_dropped_first_when_mlflow_is_unreachable(tmp_path, 
         1.0,
         "r1",
     )
+
+
+def test_oldest_segments_are_dropped_first_when_mlflow_is_unreachable(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    line = _one_row_line()
     writer = SpoolWriter(SpoolSettings(directory=tmp_path, segment_max_bytes=len(line) * 10))
     for _ in range(100):  # ten sealed segments of ten requests
         writer.append(line, 1)
@@ -69,17 +74,7 @@ def test_a_planned_flush_is_never_trimmed_before_its_replay(tmp_path, monkeypatc
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody there
-    outputs = {"prediction": np.array([0]), "probability": np.array([0.1])}
-    line = encode(
-        "r",
-        1_700_000_000_000_000_000,
-        IDENTITY,
-        list(FEATURES),
-        np.ones((1, len(FEATURES))),
-        outputs,
-        1.0,
-        "r1",
-    )
+    line = _one_row_line()
     writer = SpoolWriter(SpoolSettings(directory=tmp_path, segment_max_bytes=len(line) * 10))
     for _ in range(100):
         writer.append(line, 1)
