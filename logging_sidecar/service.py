@@ -35,7 +35,13 @@ from logging_sidecar.shipper import Shipper, group_by_run
 from logging_sidecar.spool import Chunk, DeadLine, Segment, list_segments, read_chunk
 from logging_sidecar.state import Flush, State
 from serving.capture import spool_bytes
-from serving.spool_format import FILE_MODE, WRITER_LOCK_SUFFIX, live_writers, writer_is_alive
+from serving.spool_format import (
+    FILE_MODE,
+    WRITER_LOCK_SUFFIX,
+    live_writers,
+    read_drop_ledgers,
+    writer_is_alive,
+)
 
 logger = logging.getLogger("credit_risk.sidecar")
 
@@ -96,7 +102,15 @@ class SidecarMetrics:
 
         self.received = counter("records_received", "Records read from the spool")
         self.shipped = counter("records_shipped", "Records written to MLflow")
-        self.dropped = counter("records_dropped", "Records dropped because the spool was full")
+        self.dropped = gauge(
+            "records_dropped",
+            "Records dropped unshipped to keep the spool under its limit, over the state's life",
+        )
+        self.capture_dropped = gauge(
+            "capture_dropped_rows",
+            "Rows the server scored but could not capture (spool full or disk full), from the "
+            "spool's drop ledgers, over the spool's life",
+        )
         self.flushes = counter("flushes", "Batches written to MLflow")
         self.failed_flushes = counter("flush_failures", "Flush attempts that failed (retried)")
         self.dead_lines = gauge("dead_lines", "Spool lines parked as dead letters, over the state's life")
@@ -140,6 +154,11 @@ class Sidecar:
         self.spool_bytes = 0
         self.dead_lines, self.unfiled_dead_lines = self.state.dead_lines()
         self.metrics.dead_lines.set(self.dead_lines)
+        self.records_dropped = self.state.trimmed_records()
+        self.metrics.dropped.set(self.records_dropped)
+        self.capture_dropped_rows = 0
+        self.last_ledger_error: str | None = None
+        self._read_drop_ledgers()
         self.turned_at = time.monotonic()
         self.progress_at = time.time()  # last commit, or start
         self.pending_since: float | None = None
@@ -353,7 +372,18 @@ class Sidecar:
             segments = [s for s in segments if s.path.exists()]
         self.spool_bytes = total
         self.metrics.spool_bytes.set(total)
+        self._read_drop_ledgers()
         return segments
+
+    def _read_drop_ledgers(self) -> None:
+        try:
+            self.capture_dropped_rows = sum(read_drop_ledgers(self.spool).values())
+        except ValueError as error:  # keep the last good total; shipping goes on
+            if str(error) != self.last_ledger_error:
+                self.last_ledger_error = str(error)
+                logger.error(str(error))
+            return
+        self.metrics.capture_dropped.set(self.capture_dropped_rows)
 
     def _finished(self, segment: Segment, offset: int) -> bool:
         """Shipped up to its last complete line, and never to be written again: sealed, or
@@ -392,13 +422,15 @@ class Sidecar:
             with open(segment.path, "rb") as stream:
                 stream.seek(position)
                 lost_requests = stream.read().count(b"\n")
+            lost = [c for c in self._pending if c.segment == segment.name]
+            lost_rows = sum(c.rows for c in lost) or lost_requests
+            if self.state.trim(segment.name, segment.size, lost_rows):
+                self.records_dropped += lost_rows
+                self.metrics.dropped.set(self.records_dropped)
             segment.path.unlink(missing_ok=True)
             self.state.forget([segment.name])
             self._positions.pop(segment.name, None)
-            lost = [c for c in self._pending if c.segment == segment.name]
             self._pending = [c for c in self._pending if c.segment != segment.name]
-            lost_rows = sum(c.rows for c in lost) or lost_requests
-            self.metrics.dropped.inc(lost_rows)
             total -= segment.size
             logger.warning(
                 f"spool full ({self.settings.spool.max_bytes} bytes): dropped the oldest unshipped "
@@ -446,6 +478,8 @@ class Sidecar:
             "parked_batches": parked_batches,
             "dead_lines_total": self.dead_lines,
             "dead_lines_unfiled": self.unfiled_dead_lines,
+            "records_dropped_total": self.records_dropped,
+            "capture_dropped_rows_total": self.capture_dropped_rows,
             "shipped_records_total": self.state.shipped_records(),
             "last_shipped_at": _iso(self.progress_at),
             "last_error": self.last_error,

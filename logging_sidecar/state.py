@@ -9,7 +9,8 @@ Dead lines (lines that can never ship) are recorded here, keyed by segment and o
 that reading them again after a crash counts them once: this table is the dead-letter
 counter that survives restarts, and it still works when the spool's disk is too full for
 the dead-letter file itself (with the default state path both share a disk, but SQLite
-needs a few kilobytes where a dead line may need megabytes).
+needs a few kilobytes where a dead line may need megabytes). Segments trimmed by the spool's
+size limit are counted here the same way.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ class _DeadLine(_Base):
     length: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
     filed: Mapped[bool] = mapped_column(Boolean, default=False)  # written to the dead-letter file
+
+
+class _Trimmed(_Base):
+    """A segment dropped unshipped to keep the spool under its size limit."""
+
+    __tablename__ = "trimmed_segments"
+    segment: Mapped[str] = mapped_column(String, primary_key=True)
+    records: Mapped[int] = mapped_column(Integer)
 
 
 class _Run(_Base):
@@ -128,6 +137,24 @@ class State:
             segment = session.get(_Segment, name) or _Segment(name=name)
             segment.shipped_offset = offset
             session.add(segment)
+
+    def trim(self, name: str, end: int, records: int) -> bool:
+        """Count a segment's unshipped records as dropped, once, and mark it shipped up to
+        ``end`` in the same transaction, so that a crash before its file is deleted neither
+        ships it after all nor counts it twice. True the first time."""
+        with Session(self._engine) as session, session.begin():
+            if session.get(_Trimmed, name) is not None:
+                return False
+            session.add(_Trimmed(segment=name, records=records))
+            segment = session.get(_Segment, name) or _Segment(name=name)
+            segment.shipped_offset = end
+            session.add(segment)
+            return True
+
+    def trimmed_records(self) -> int:
+        """Records dropped by the size limit, over the state's whole life."""
+        with Session(self._engine) as session:
+            return int(session.scalar(select(func.sum(_Trimmed.records))) or 0)
 
     def forget(self, names: list[str]) -> None:
         """Drop the rows of segment files that are gone for good."""

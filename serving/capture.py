@@ -12,6 +12,9 @@ also fsyncs the folder after a segment is created or sealed). The file format, n
 writer's liveness lock live in ``serving.spool_format``.
 Capture never fails or blocks an inference: when the spool is over its size limit or the
 write fails, the record is dropped, counted and logged, and the response goes out as usual.
+The count is kept in the replica's drop ledger in the spool (``spool_format.DropLedger``),
+made when the writer starts so that a full disk can still take it, and reported by the
+sidecar across restarts of both.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from serving.spool_format import (
     FILE_MODE,
     OPEN_SUFFIX,
     SEALED_SUFFIX,
+    DropLedger,
+    drop_ledger_path,
     encode,
+    fsync_directory,
     segment_name,
     writer_id,
     writer_lock_path,
@@ -95,15 +101,6 @@ def spool_bytes(directory: Path) -> int:
     return total
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a file's creation or rename itself durable (the file's own fsync is not enough)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SpoolWriter:
     """The open segment of one process. Not thread-safe: MLServer calls ``predict`` from one
     event loop per process, and nothing here awaits."""
@@ -124,7 +121,23 @@ class SpoolWriter:
         self._usage_checked_at = 0.0
         self._last_full_log = 0.0
         self._failed_at: float | None = None
-        self.dropped = 0
+        self.dropped = 0  # by this process; the ledger holds the replica's total
+        self._ledger_missing_logged = False
+        self._ledger = self._open_ledger()
+
+    def _open_ledger(self) -> DropLedger | None:
+        try:
+            return DropLedger(
+                drop_ledger_path(self.directory, self.replica), fsync=self.settings.fsync == "always"
+            )
+        except OSError as error:
+            if not self._ledger_missing_logged:
+                self._ledger_missing_logged = True
+                logger.error(
+                    f"capture: no drop ledger in {self.directory} ({error}); until one can be made, "
+                    "dropped rows are counted in this process's metrics only"
+                )
+            return None
 
     def _hold_lock(self) -> None:
         """Taken before the first segment exists and held until ``close`` (or death): while
@@ -150,7 +163,7 @@ class SpoolWriter:
         self._path = self.directory / f"{name}{OPEN_SUFFIX}"
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         if self.settings.fsync == "always":
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         self._opened_at = time.monotonic()
         self._size = 0
 
@@ -165,7 +178,7 @@ class SpoolWriter:
             os.close(fd)
         os.rename(self._path, self._path.with_suffix(SEALED_SUFFIX))
         if self.settings.fsync == "always":
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
 
     def _spool_full(self) -> bool:
         now = time.monotonic()
@@ -221,6 +234,13 @@ class SpoolWriter:
 
     def _drop(self, rows: int, reason: str) -> None:
         self.dropped += rows
+        if self._ledger is None:
+            self._ledger = self._open_ledger()
+        if self._ledger is not None:
+            try:
+                self._ledger.add(rows)
+            except OSError as error:
+                logger.error(f"capture: could not count {rows} dropped rows in {self._ledger.path}: {error}")
         now = time.monotonic()
         if now - self._last_full_log >= _FULL_LOG_EVERY_S:
             self._last_full_log = now
@@ -229,6 +249,9 @@ class SpoolWriter:
     def close(self) -> None:
         """Seal the open segment, then release the spool (the sidecar's drain waits for it)."""
         self._seal()
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             writer_lock_path(self.directory, self._writer).unlink(missing_ok=True)

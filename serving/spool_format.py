@@ -18,6 +18,11 @@ Segment files are ``<writer>-<sequence>@<opened_ns>.open`` while written and ``.
 once sealed, where ``<writer>`` is ``<host>-<pid>-<start_ns>``. The writer holds an
 exclusive ``flock`` on ``<writer>.writer-lock`` for as long as it may append: the kernel
 releases it when the process dies, so liveness never depends on clocks.
+
+Rows the writer scored but could not append (spool over its limit, disk full) are counted in
+``<replica>.dropped``, a :class:`DropLedger`: made and flushed to disk while there is room,
+then only overwritten in place, so a disk with no free block still takes the count, and it
+survives restarts of the writer and of the sidecar, which reports it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import fcntl
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +42,7 @@ FORMAT_VERSION = 2
 OPEN_SUFFIX = ".open"
 SEALED_SUFFIX = ".jsonl"
 WRITER_LOCK_SUFFIX = ".writer-lock"
+DROP_LEDGER_SUFFIX = ".dropped"
 FILE_MODE = 0o640  # records hold applicants' raw features: not world-readable
 
 _SEGMENT_NAME = re.compile(r"^(?P<writer>.+-\d+-(?P<started>\d+))-(?P<sequence>\d+)(?:@(?P<opened>\d+))?$")
@@ -96,6 +103,93 @@ def live_writers(directory: Path) -> list[str]:
         if entry.name.endswith(WRITER_LOCK_SUFFIX)
         and writer_is_alive(directory, entry.name[: -len(WRITER_LOCK_SUFFIX)])
     ]
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a file's creation or rename itself durable (the file's own fsync is not enough)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- the drop ledger -------------------------------------------------------------------
+
+_LEDGER_WIDTH = 20  # digits: fixed, so an update never grows the file
+
+
+def drop_ledger_path(directory: Path, replica: str) -> Path:
+    return directory / f"{replica}{DROP_LEDGER_SUFFIX}"
+
+
+class DropLedger:
+    """A replica's count of rows scored but not captured, over the spool's whole life.
+
+    Created (and fsynced, so its block is allocated) when the writer starts; an update
+    rewrites the same bytes under an ``flock``, which needs no new block, so it still works
+    on a full disk, which is when it is needed most."""
+
+    def __init__(self, path: Path, fsync: bool = False):
+        self.path = path
+        self._fsync = fsync
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            with self._locked():
+                if os.fstat(self._fd).st_size == 0:
+                    self._write(0)
+                    os.fsync(self._fd)
+                    if fsync:
+                        fsync_directory(path.parent)
+        except OSError:
+            os.close(self._fd)
+            raise
+
+    @contextmanager
+    def _locked(self):
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # a restarted writer may overlap the old one
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _write(self, total: int) -> None:
+        os.pwrite(self._fd, f"{total:0{_LEDGER_WIDTH}d}\n".encode(), 0)
+
+    def add(self, rows: int) -> int:
+        with self._locked():
+            total = _ledger_value(os.pread(self._fd, _LEDGER_WIDTH + 1, 0)) + rows
+            self._write(total)
+            if self._fsync:
+                os.fsync(self._fd)
+        return total
+
+    @property
+    def total(self) -> int:
+        return _ledger_value(os.pread(self._fd, _LEDGER_WIDTH + 1, 0))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _ledger_value(content: bytes) -> int:
+    text = content.strip()
+    return int(text) if text else 0
+
+
+def read_drop_ledgers(directory: Path) -> dict[str, int]:
+    """Every replica's ledger in a spool: ``{replica: rows dropped}`` (an unreadable ledger
+    is reported as a ``ValueError`` naming it, never as zero)."""
+    totals = {}
+    for entry in os.scandir(directory):
+        if entry.name.endswith(DROP_LEDGER_SUFFIX):
+            with open(entry.path, "rb") as stream:
+                content = stream.read(_LEDGER_WIDTH + 1)
+            try:
+                totals[entry.name[: -len(DROP_LEDGER_SUFFIX)]] = _ledger_value(content)
+            except ValueError:
+                raise ValueError(f"drop ledger {entry.path} does not hold a count: {content!r}") from None
+    return totals
 
 
 # -- lines ---------------------------------------------------------------------------

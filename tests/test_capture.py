@@ -8,12 +8,13 @@ import signal
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from logging_sidecar.records import to_frame
 from logging_sidecar.spool import list_segments, read_chunk
 from model.schema import FEATURES
 from serving.capture import SpoolSettings, SpoolWriter
-from serving.spool_format import encode
+from serving.spool_format import DropLedger, encode, read_drop_ledgers
 
 IDENTITY = {
     "model_name": "credit-risk",
@@ -44,7 +45,7 @@ def request_line(request_id="r1", rows=2):
 
 
 def settings(tmp_path, **overrides):
-    return SpoolSettings(**{"directory": tmp_path, **overrides})
+    return SpoolSettings(**{"directory": tmp_path, "replica": "replica-a", **overrides})
 
 
 def test_a_request_round_trips_through_the_spool(tmp_path):
@@ -86,6 +87,44 @@ def test_a_full_spool_drops_and_says_so(tmp_path, caplog):
     assert "is full" in caplog.text
 
 
+def test_dropped_rows_are_counted_in_a_ledger_that_outlives_the_writer(tmp_path):
+    line, _, _ = request_line()
+    first = SpoolWriter(settings(tmp_path, max_bytes=len(line)))
+    for _ in range(3):
+        first.append(line, 2)
+    first.close()
+    again = SpoolWriter(settings(tmp_path, max_bytes=len(line)))  # a restarted server
+    again.append(line, 2)
+    assert (again.dropped, first.dropped) == (2, 4)
+    assert read_drop_ledgers(tmp_path) == {"replica-a": 6}
+    again.close()
+
+
+def test_the_drop_ledger_is_updated_in_place_on_a_disk_with_no_free_block(tmp_path):
+    """A full disk refuses new blocks; the ledger made at start only rewrites its own bytes.
+    A file-size limit at the ledger's current size stands in for the full disk: a write
+    that needed one more byte would fail."""
+    ledger = DropLedger(tmp_path / "replica-a.dropped")
+    size = ledger.path.stat().st_size
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        totals = [ledger.add(rows) for rows in (1, 1000, 10**9)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert totals == [1, 1001, 10**9 + 1001]
+    assert ledger.path.stat().st_size == size
+    ledger.close()
+
+
+def test_an_unreadable_drop_ledger_is_named_not_read_as_zero(tmp_path):
+    (tmp_path / "replica-a.dropped").write_bytes(b"garbage\n")
+    with pytest.raises(ValueError, match=r"replica-a\.dropped"):
+        read_drop_ledgers(tmp_path)
+
+
 def test_a_torn_last_line_is_left_alone(tmp_path):
     line, _, _ = request_line()
     writer = SpoolWriter(settings(tmp_path))
@@ -110,6 +149,8 @@ def test_fsync_always_makes_segment_creation_and_sealing_durable(tmp_path, monke
     monkeypatch.setattr(os, "fsync", recording_fsync)
     line, _, _ = request_line()
     writer = SpoolWriter(settings(tmp_path, fsync="always"))
+    assert synced == [str(tmp_path / "replica-a.dropped"), str(tmp_path)]  # the drop ledger, made at start
+    synced.clear()
     writer.append(line, 2)
     assert synced[0] == str(tmp_path)  # the new segment's name is durable before its first line
     synced.clear()

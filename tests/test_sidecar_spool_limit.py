@@ -61,7 +61,9 @@ def test_oldest_segments_are_dropped_first_when_mlflow_is_unreachable(tmp_path, 
     assert left == oldest[len(oldest) - len(left) :], "dropped segments must be the oldest"
     assert sum(s.size for s in list_segments(tmp_path)) <= 0.9 * settings.spool.max_bytes
     metric = sidecar.metrics.registry.get_sample_value
-    assert metric("credit_risk_sidecar_records_dropped_total") >= 50
+    dropped = metric("credit_risk_sidecar_records_dropped")
+    assert dropped >= 50
+    assert Sidecar(settings).records_dropped == dropped, "the count did not survive a restart"
     assert metric("credit_risk_sidecar_spool_full") == 1
     assert "dropped the oldest unshipped segment" in caplog.text
     assert metric("credit_risk_sidecar_flush_failures_total") == 1  # retried later, not lost

@@ -515,6 +515,16 @@ def test_a_full_spool_disk_fails_no_inference_and_loses_only_what_it_counts(trai
         capture_dropped = _metric(
             httpx.get(stack.mlserver_metrics, timeout=10).text, "capture_dropped_rows_total"
         )
+        # The count must outlive both processes: SIGKILL them, start them again, ask the sidecar.
+        stack.kill("mlserver")
+        stack.kill("sidecar-plain")
+        stack.start_mlserver()
+        stack.start(stack.sidecar(), timeout=60)
+        sidecar_url = f"http://127.0.0.1:{stack.sidecar_port}"
+        durable_dropped = _metric(
+            httpx.get(f"{sidecar_url}/metrics", timeout=10).text, "credit_risk_sidecar_capture_dropped_rows"
+        )
+        health_dropped = httpx.get(f"{sidecar_url}/health", timeout=10).json()["capture_dropped_rows_total"]
     finally:
         stack.stop_all()
         subprocess.run(["umount", "-l", str(disk)], check=False)
@@ -527,6 +537,10 @@ def test_a_full_spool_disk_fails_no_inference_and_loses_only_what_it_counts(trai
     )
     assert len(missing) == capture_dropped, (
         "rows lost to the full disk differ from the rows counted as dropped"
+    )
+    assert durable_dropped == health_dropped == capture_dropped, (
+        f"after restarts the sidecar reports {durable_dropped:.0f} (metrics) and {health_dropped} (/health) "
+        f"dropped rows, where the server had counted {capture_dropped:.0f}"
     )
     captured_before = {answer.request_id for answer in client.answers[:first_full]}
     stuck = captured_before - set(before["request_id"].astype(str))
