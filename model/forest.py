@@ -57,19 +57,26 @@ class FlatForest:
 
     def raw_predict(self, X: np.ndarray) -> np.ndarray:
         # Every split of every tree decided at once (a handful of numpy calls, whatever the
-        # depth), then each row walks down its trees by table lookups.
-        values = X[:, self._feature]
-        with np.errstate(invalid="ignore"):
-            go_left = values <= self._threshold  # False for NaN ...
+        # depth), then each row walks down its trees by table lookups. Comparisons with NaN
+        # are False and raise no warning.
+        rows = X.shape[0]
+        values = X.take(self._feature, axis=1)
+        go_left = values <= self._threshold  # False for NaN ...
         go_left |= np.isnan(values) & self._missing_left  # ... which goes where training sent it
         decisions = go_left.view(np.uint8).ravel()
-        row_start = (np.arange(X.shape[0], dtype=np.intp) * len(self._feature))[:, None]
-        node = np.broadcast_to(self._roots, (X.shape[0], len(self._roots)))
+        # Row r's decision at node i is decisions[r * n_nodes + i]; one row needs no offset,
+        # and a served request is usually one row.
+        row_start = None if rows == 1 else (np.arange(rows, dtype=np.intp) * len(self._feature))[:, None]
+        node = self._roots  # broadcast against row_start on the first step
         for _ in range(self._depth):
-            node = self._children[2 * node + decisions[row_start + node]]
-        leaves = self._value[node]
-        start = np.full((X.shape[0], 1), self._baseline)
-        return np.cumsum(np.hstack([start, leaves]), axis=1)[:, -1]
+            at = node if row_start is None else row_start + node
+            node = self._children[2 * node + decisions[at]]
+        if node.ndim == 1 and rows > 1:  # depth 0: every tree a single leaf
+            node = np.broadcast_to(node, (rows, len(node)))
+        leaves = self._value[node].reshape(rows, -1)
+        # sklearn's order: baseline + tree 1, then + tree 2, ...; cumsum adds sequentially.
+        leaves[:, 0] += self._baseline
+        return np.cumsum(leaves, axis=1)[:, -1]
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self._loss.predict_proba(self.raw_predict(X)[:, None])

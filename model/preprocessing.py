@@ -138,7 +138,9 @@ class CreditFeatureEngineer(TransformerMixin, BaseEstimator):
         # 96/98 are the bureau's "unknown"/"refused" codes, not counts: left in, they would
         # dominate any sum of counts. The flag keeps their (high, ~55 %) default rate visible.
         past_due = X[:, _PAST_DUE_COLUMNS]
-        is_code = np.logical_or.reduce([past_due == code for code in PAST_DUE_SPECIAL_CODES])
+        is_code = past_due == PAST_DUE_SPECIAL_CODES[0]
+        for code in PAST_DUE_SPECIAL_CODES[1:]:
+            is_code |= past_due == code
         out[:, _PAST_DUE_COLUMNS] = np.where(is_code, np.nan, past_due)
         out[:, _COLUMN[PAST_DUE_CODE]] = is_code.any(axis=1)
 
@@ -148,11 +150,9 @@ class CreditFeatureEngineer(TransformerMixin, BaseEstimator):
         # When income is missing, DebtRatio is the monthly debt itself (median ~1,200, not a
         # ratio); with income 0 it is debt / 1. Multiplying back by income puts every row on
         # one monthly-amount scale, while DebtRatio itself is kept for the rows where it is a ratio.
+        # fmax ignores NaN, so a missing income multiplies by exactly 1.0: DebtRatio as it is.
         income, debt_ratio = X[:, _COLUMN[_INCOME]], X[:, _COLUMN[_DEBT_RATIO]]
-        with np.errstate(invalid="ignore"):
-            out[:, _COLUMN[MONTHLY_DEBT]] = np.where(
-                np.isnan(income), debt_ratio, debt_ratio * np.maximum(income, 1.0)
-            )
+        out[:, _COLUMN[MONTHLY_DEBT]] = debt_ratio * np.fmax(income, 1.0)
 
         # One severity score: a 90-day delinquency says more than a 30-day one. An unknown code
         # gives NaN rather than a made-up score.

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
 
@@ -195,10 +196,6 @@ def read_drop_ledgers(directory: Path) -> dict[str, int]:
 # -- lines ---------------------------------------------------------------------------
 
 
-def _nulls(values: list) -> list:
-    return [None if value != value else value for value in values]  # NaN is not JSON: null
-
-
 def encode(
     request_id: str,
     timestamp_ns: int,
@@ -210,8 +207,10 @@ def encode(
     replica: str,
 ) -> bytes:
     """One request as one JSON line, columnar (one list per feature), so that a 1,000-row
-    request is one small write. Plain lists and ``json``: ~12 µs for a row, where going
-    through pandas took ~160 µs, a noticeable share of a ~6 ms request."""
+    request is one small write. orjson writes the arrays directly (NaN as ``null``, floats in
+    their shortest exact form): ~5 µs for a row, against ~15 µs through lists and ``json``,
+    and ~160 µs through pandas."""
+    columns = np.ascontiguousarray(features.T)  # orjson takes only C-contiguous arrays
     record = {
         "v": FORMAT_VERSION,
         "request_id": request_id,
@@ -219,10 +218,10 @@ def encode(
         **identity,
         "replica": replica,
         "latency_ms": latency_ms,
-        "features": dict(zip(feature_names, map(_nulls, features.T.tolist()), strict=True)),
-        "outputs": {name: values.tolist() for name, values in outputs.items()},
+        "features": dict(zip(feature_names, columns, strict=True)),
+        "outputs": {name: np.ascontiguousarray(values) for name, values in outputs.items()},
     }
-    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
 
 
 def decode(line: bytes, default_replica: str) -> dict:
