@@ -28,7 +28,6 @@ survives restarts of the writer and of the sidecar, which reports it.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 from contextlib import contextmanager
@@ -229,7 +228,7 @@ def decode(line: bytes, default_replica: str) -> dict:
 
     ``default_replica`` names the scorer of a version 1 line (its writer's host)."""
     try:
-        record = json.loads(line)
+        record = orjson.loads(line)  # stricter than json: NaN, Infinity, bad UTF-8 are not JSON
     except ValueError as error:
         raise PoisonLine(f"not JSON: {error}") from None
     if not isinstance(record, dict):
