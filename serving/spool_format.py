@@ -164,10 +164,6 @@ class DropLedger:
                 os.fsync(self._fd)
         return total
 
-    @property
-    def total(self) -> int:
-        return _ledger_value(os.pread(self._fd, _LEDGER_WIDTH + 1, 0))
-
     def close(self) -> None:
         os.close(self._fd)
 

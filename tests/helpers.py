@@ -213,18 +213,18 @@ class Client:
         return sum(len(a.features) for a in self.answers)
 
 
-class Load:
-    """Client threads sending small requests until stopped (traffic while faults happen)."""
+class Background:
+    """``threads`` daemon threads running ``_run`` for the length of a ``with`` block; ``_run``
+    returns once ``stopping`` is set."""
 
-    def __init__(self, client: Client, threads: int = 2, row_choices=(1, 1, 1, 3, 20)):
-        self.client, self.row_choices = client, row_choices
+    join_timeout_s = 30.0
+
+    def __init__(self, threads: int = 1):
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self):
-        while not self.stopping.is_set():
-            if self.client.send(int(self.client.random.choice(self.row_choices)), timeout=60) is None:
-                time.sleep(0.1)  # the server is away: don't spin
+        raise NotImplementedError
 
     def __enter__(self):
         for thread in self.threads:
@@ -234,7 +234,22 @@ class Load:
     def __exit__(self, *exc):
         self.stopping.set()
         for thread in self.threads:
-            thread.join(timeout=120)
+            thread.join(timeout=self.join_timeout_s)
+
+
+class Load(Background):
+    """Client threads sending small requests until stopped (traffic while faults happen)."""
+
+    join_timeout_s = 120.0
+
+    def __init__(self, client: Client, threads: int = 2, row_choices=(1, 1, 1, 3, 20)):
+        super().__init__(threads)
+        self.client, self.row_choices = client, row_choices
+
+    def _run(self):
+        while not self.stopping.is_set():
+            if self.client.send(int(self.client.random.choice(self.row_choices)), timeout=60) is None:
+                time.sleep(0.1)  # the server is away: don't spin
 
 
 def answered_frame(answers: list[Answer]) -> pd.DataFrame:

@@ -25,7 +25,6 @@ import random
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -45,6 +44,7 @@ from serving.capture import OPEN_SUFFIX
 from stack import processes, services
 from tests.helpers import (
     Answer,
+    Background,
     Client,
     Load,
     answered_frame,
@@ -77,15 +77,14 @@ ROUND = (
 )
 
 
-class Health:
+class Health(Background):
     """Polls the sidecar's ``/health/shipping`` and ``/health/live`` in the background and
     keeps every answer with the moment it was seen."""
 
     def __init__(self, port: int):
+        super().__init__()
         self.base = f"http://127.0.0.1:{port}"
         self.seen: list[tuple[float, str, int | None, dict]] = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self.stopping.is_set():
@@ -106,14 +105,6 @@ class Health:
         return [
             (status, body) for moment, p, status, body in self.seen if p == path and start <= moment <= end
         ]
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        self.thread.join(timeout=30)
 
 
 class FaultStack:
@@ -446,14 +437,13 @@ def _require_root_for_tmpfs():
     pytest.skip(reason)
 
 
-class FullDisk:
+class FullDisk(Background):
     """Keeps a disk full: whatever space is freed (the sidecar deleting shipped segments, its
     reserve given up) is taken again at once, as a runaway log on the same disk would."""
 
     def __init__(self, disk: Path):
+        super().__init__()
         self.filler = disk / "filler"  # outside the spool folder
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -469,13 +459,8 @@ class FullDisk:
         finally:
             os.close(fd)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
     def __exit__(self, *exc):
-        self.stopping.set()
-        self.thread.join(timeout=30)
+        super().__exit__(*exc)
         self.filler.unlink()
 
 
