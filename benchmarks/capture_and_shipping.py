@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from model.schema import FEATURES  # noqa: E402
-from serving.capture import SpoolSettings, SpoolWriter  # noqa: E402
+from serving.capture import SpoolWriter  # noqa: E402
 from serving.settings import MODEL_NAME  # noqa: E402
-from serving.spool_format import encode  # noqa: E402
+from serving.spool_format import SpoolSettings, encode  # noqa: E402
 from stack import services  # noqa: E402
 from tests.helpers import credit_risk, free_port, mlflow_tracking_server, running, serving_service  # noqa: E402
 from training.data import BUNDLED_SAMPLE, load_training_data  # noqa: E402

@@ -34,12 +34,12 @@ from logging_sidecar.settings import SidecarSettings
 from logging_sidecar.shipper import Shipper, group_by_run
 from logging_sidecar.spool import Chunk, DeadLine, Segment, list_segments, read_chunk
 from logging_sidecar.state import Flush, State
-from serving.capture import spool_bytes
 from serving.spool_format import (
     FILE_MODE,
     WRITER_LOCK_SUFFIX,
     live_writers,
     read_drop_ledgers,
+    spool_bytes,
     writer_is_alive,
 )
 

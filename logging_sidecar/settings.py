@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.capture import SpoolSettings
+from serving.spool_format import SpoolSettings
 
 INFERENCE_EXPERIMENT = "credit-risk-inference"
 DEFAULT_PORT = 8083

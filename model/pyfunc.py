@@ -32,7 +32,6 @@ from model.schema import (
 
 PIPELINE_ARTIFACT = "pipeline"
 THRESHOLD_CONFIG = "threshold"
-DATASET_HASH_METADATA = "dataset_hash"
 
 logger = logging.getLogger(__name__)
 

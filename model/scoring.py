@@ -13,7 +13,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from model.pyfunc import DATASET_HASH_METADATA, CreditRiskModel
+from model.identity import DATASET_HASH
+from model.pyfunc import CreditRiskModel
 from model.schema import check_values, validate_features
 
 
@@ -25,7 +26,7 @@ class LoadedModel:
 
     @property
     def dataset_hash(self) -> str:
-        return (self.pyfunc.metadata.metadata or {}).get(DATASET_HASH_METADATA, "")
+        return (self.pyfunc.metadata.metadata or {}).get(DATASET_HASH, "")
 
     def score(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(prediction, probability)`` of a float64 matrix in ``FEATURES`` order; raises

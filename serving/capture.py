@@ -24,7 +24,6 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.spool_format import (
@@ -32,73 +31,22 @@ from serving.spool_format import (
     OPEN_SUFFIX,
     SEALED_SUFFIX,
     DropLedger,
+    SpoolSettings,
     drop_ledger_path,
     encode,
     fsync_directory,
     segment_name,
+    spool_bytes,
     writer_id,
     writer_lock_path,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpoolSettings", "SpoolWriter", "encode", "spool_bytes"]
+__all__ = ["SpoolWriter", "encode"]
 _USAGE_REFRESH_S = 1.0
 _RETRY_AFTER_FAILURE_S = 1.0  # a full disk: don't create an empty segment per request
 _FULL_LOG_EVERY_S = 60.0
-
-
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-@dataclass(frozen=True)
-class SpoolSettings:
-    """Shared by the writer (MLServer) and the reader (sidecar); read from the environment.
-
-    ``CREDIT_RISK_SPOOL_DIR``: the spool folder; capture is off when unset.
-    ``CREDIT_RISK_SPOOL_MAX_BYTES``: the spool's size limit (default 1 GiB).
-    ``CREDIT_RISK_SEGMENT_MAX_BYTES`` / ``CREDIT_RISK_SEGMENT_MAX_AGE_S``: rotation
-    (default 16 MiB / 60 s). ``CREDIT_RISK_CAPTURE_FSYNC``: ``rotate`` (default) or ``always``.
-    ``CREDIT_RISK_REPLICA_ID``: this serving replica's name in every record (default: the
-    host name, which is the pod name under Kubernetes).
-    """
-
-    directory: Path | None = field(
-        default_factory=lambda: (
-            Path(os.environ["CREDIT_RISK_SPOOL_DIR"]) if os.environ.get("CREDIT_RISK_SPOOL_DIR") else None
-        )
-    )
-    max_bytes: int = field(default_factory=lambda: _env_int("CREDIT_RISK_SPOOL_MAX_BYTES", 1 << 30))
-    segment_max_bytes: int = field(
-        default_factory=lambda: _env_int("CREDIT_RISK_SEGMENT_MAX_BYTES", 16 << 20)
-    )
-    segment_max_age_s: float = field(
-        default_factory=lambda: float(os.environ.get("CREDIT_RISK_SEGMENT_MAX_AGE_S", 60))
-    )
-    fsync: str = field(default_factory=lambda: os.environ.get("CREDIT_RISK_CAPTURE_FSYNC", "rotate"))
-    replica: str = field(
-        default_factory=lambda: os.environ.get("CREDIT_RISK_REPLICA_ID") or socket.gethostname()
-    )
-
-    def __post_init__(self):
-        if self.fsync not in ("rotate", "always"):
-            raise ValueError(f"CREDIT_RISK_CAPTURE_FSYNC must be 'rotate' or 'always', got {self.fsync!r}")
-        if not self.replica or "/" in self.replica:
-            raise ValueError(
-                f"CREDIT_RISK_REPLICA_ID must be a non-empty name without '/', got {self.replica!r}"
-            )
-
-
-def spool_bytes(directory: Path) -> int:
-    total = 0
-    for entry in os.scandir(directory):
-        if entry.name.endswith((OPEN_SUFFIX, SEALED_SUFFIX)):
-            try:
-                total += entry.stat().st_size
-            except FileNotFoundError:  # shipped and deleted meanwhile
-                pass
-    return total
 
 
 class SpoolWriter:

@@ -50,13 +50,12 @@ from mlserver_mlflow.metadata import (
 from threadpoolctl import threadpool_limits
 
 from model import scoring
+from model.identity import DATASET_HASH
 from model.schema import OUTPUT_PREDICTION, OUTPUT_PROBABILITY, InvalidFeatures
 from serving import flat_json, metrics, v2
 from serving.capture import SpoolWriter, encode
 from serving.follower import RegistryFollower
 from serving.settings import ServingSettings
-
-DATASET_HASH_KEY = "dataset_hash"
 
 
 @dataclass(frozen=True)
@@ -135,13 +134,13 @@ class CreditRiskRuntime(MLflowRuntime):
                 "registered_model": registered_name,
                 "registry_version": version,
                 "model_uri": model_uri,
-                DATASET_HASH_KEY: dataset_hash,
+                DATASET_HASH: dataset_hash,
             },
             capture_identity={
                 "model_name": self.name,
                 "registered_model": registered_name,
                 "model_version": version,
-                DATASET_HASH_KEY: dataset_hash,
+                DATASET_HASH: dataset_hash,
             },
             labels=labels,
             meters=metrics.Meters(labels),

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from mlserver.settings import Settings
 
-from serving.capture import SpoolSettings
-from training.registry import PRODUCTION_ALIAS, PRODUCTION_MODEL_URI
+from model.identity import PRODUCTION_ALIAS, PRODUCTION_MODEL_URI
+from serving.spool_format import SpoolSettings
 
 SERVING_DIR = Path(__file__).resolve().parent
 MODEL_SETTINGS_PATH = SERVING_DIR / "model-settings.json"

@@ -10,6 +10,8 @@ Record versions (the ``v`` field of every line):
   (``CREDIT_RISK_REPLICA_ID``, default the host name), so that replicas sharing one MLflow
   never write into each other's runs.
 
+Both sides read the spool's settings (``SpoolSettings``) and measure it (``spool_bytes``) here.
+
 The reader accepts every version up to ``FORMAT_VERSION`` (older ones are upgraded in
 memory); a line it cannot trust (not JSON, a field missing or of the wrong shape, a newer
 version) is a :class:`PoisonLine`, which the sidecar parks in its dead-letter file.
@@ -30,12 +32,17 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import socket
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import orjson
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.identity import ENV_PREFIX
 from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
 
 FORMAT_VERSION = 2
@@ -47,6 +54,63 @@ FILE_MODE = 0o640  # records hold applicants' raw features: not world-readable
 
 _SEGMENT_NAME = re.compile(r"^(?P<writer>.+-\d+-(?P<started>\d+))-(?P<sequence>\d+)(?:@(?P<opened>\d+))?$")
 _IDENTITY_FIELDS = ("request_id", "model_name", "registered_model", "model_version", "dataset_hash")
+
+
+class SpoolSettings(BaseSettings):
+    """The spool as its writer (MLServer) and its reader (the sidecar) both see it."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, populate_by_name=True, frozen=True)
+
+    directory: Path | None = Field(
+        None,
+        validation_alias="CREDIT_RISK_SPOOL_DIR",
+        description="the spool folder; capture is off when unset",
+    )
+    max_bytes: int = Field(
+        1 << 30,
+        gt=0,
+        validation_alias="CREDIT_RISK_SPOOL_MAX_BYTES",
+        description="the spool's size limit: the writer drops records above it, the sidecar trims to 90 %",
+    )
+    segment_max_bytes: int = Field(
+        16 << 20,
+        gt=0,
+        validation_alias="CREDIT_RISK_SEGMENT_MAX_BYTES",
+        description="a segment is sealed at this size",
+    )
+    segment_max_age_s: float = Field(
+        60, ge=0, validation_alias="CREDIT_RISK_SEGMENT_MAX_AGE_S", description="... or at this age"
+    )
+    fsync: Literal["rotate", "always"] = Field(
+        "rotate",
+        validation_alias="CREDIT_RISK_CAPTURE_FSYNC",
+        description="fsync segments when sealed, or after every append",
+    )
+    replica: str = Field(
+        default_factory=socket.gethostname,
+        validation_alias="CREDIT_RISK_REPLICA_ID",
+        description="this serving replica's name in every record (default: the host name, "
+        "which is the pod name under Kubernetes)",
+    )
+
+    @field_validator("replica")
+    @classmethod
+    def _one_path_component(cls, value: str) -> str:
+        if not value or "/" in value:
+            raise ValueError("must be a non-empty name without '/'")
+        return value
+
+
+def spool_bytes(directory: Path) -> int:
+    """Bytes in the spool's segments, open and sealed."""
+    total = 0
+    for entry in os.scandir(directory):
+        if entry.name.endswith((OPEN_SUFFIX, SEALED_SUFFIX)):
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:  # shipped and deleted meanwhile
+                pass
+    return total
 
 
 class PoisonLine(ValueError):

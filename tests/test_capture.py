@@ -13,8 +13,8 @@ import pytest
 from logging_sidecar.records import to_frame
 from logging_sidecar.spool import list_segments, read_chunk
 from model.schema import FEATURES
-from serving.capture import SpoolSettings, SpoolWriter
-from serving.spool_format import DropLedger, encode, read_drop_ledgers
+from serving.capture import SpoolWriter
+from serving.spool_format import DropLedger, SpoolSettings, encode, read_drop_ledgers
 
 IDENTITY = {
     "model_name": "credit-risk",

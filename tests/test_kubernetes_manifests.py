@@ -18,13 +18,13 @@ from mlflow.cli import server as mlflow_server_command
 from mlserver.settings import Settings as MLServerSettings
 
 from logging_sidecar.settings import DEFAULT_PORT as SIDECAR_PORT
-from serving.capture import SpoolSettings
 from serving.settings import (
     DEFAULT_GRPC_PORT,
     DEFAULT_HTTP_PORT,
     DEFAULT_METRICS_PORT,
     serving_environment,
 )
+from serving.spool_format import SpoolSettings
 from stack import processes, services, tracking_server
 from tests.helpers import BIN, REPO, free_port, running
 

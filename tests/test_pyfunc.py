@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from model.pyfunc import DATASET_HASH_METADATA, model_signature
+from model.identity import DATASET_HASH
+from model.pyfunc import model_signature
 from model.schema import FEATURES
 from tests.helpers import REPO
 from training.data import load_training_data
@@ -48,7 +49,7 @@ def test_predict_returns_prediction_and_probability(saved_model, sample):
     expected = saved_model["pipeline"].predict_proba(rows)[:, 1]
     assert np.array_equal(result["probability"].to_numpy(), expected)
     assert result["prediction"].tolist() == (expected >= 0.3).astype(int).tolist()
-    assert model.metadata.metadata[DATASET_HASH_METADATA] == sample.fingerprint.sha256
+    assert model.metadata.metadata[DATASET_HASH] == sample.fingerprint.sha256
     assert model.metadata.signature == model_signature()
 
 

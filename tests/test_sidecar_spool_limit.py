@@ -9,8 +9,8 @@ from logging_sidecar.settings import SidecarSettings
 from logging_sidecar.spool import list_segments
 from logging_sidecar.state import State
 from model.schema import FEATURES
-from serving.capture import SpoolSettings, SpoolWriter
-from serving.spool_format import encode
+from serving.capture import SpoolWriter
+from serving.spool_format import SpoolSettings, encode
 from tests.helpers import free_port
 
 IDENTITY = {

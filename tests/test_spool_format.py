@@ -15,8 +15,8 @@ import pytest
 from logging_sidecar.service import SpoolBusy, lock_spool
 from logging_sidecar.spool import list_segments, read_chunk
 from model.schema import FEATURES
-from serving.capture import SpoolSettings, SpoolWriter
-from serving.spool_format import FORMAT_VERSION, PoisonLine, decode, encode, writer_is_alive
+from serving.capture import SpoolWriter
+from serving.spool_format import FORMAT_VERSION, PoisonLine, SpoolSettings, decode, encode, writer_is_alive
 
 IDENTITY = {
     "model_name": "credit-risk",
@@ -133,7 +133,8 @@ def test_spool_files_are_not_world_readable(tmp_path):
 _WRITER = """
 import sys, time
 from pathlib import Path
-from serving.capture import SpoolSettings, SpoolWriter
+from serving.capture import SpoolWriter
+from serving.spool_format import SpoolSettings
 writer = SpoolWriter(SpoolSettings(directory=Path(sys.argv[1])))
 writer.append(sys.stdin.buffer.readline(), 1)
 print("written", flush=True)

@@ -14,6 +14,7 @@ import sys
 
 import httpx
 
+from model.identity import DATASET_HASH, TEST_ROC_AUC_TAG
 from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME
 from stack.services import LOOPBACK
 
@@ -199,7 +200,7 @@ def _held_out_scores(client, version) -> dict:
 
     from training import registry
 
-    scores = {"version_tag": version.tags.get(registry.TEST_ROC_AUC_TAG), "run_id": version.run_id}
+    scores = {"version_tag": version.tags.get(TEST_ROC_AUC_TAG), "run_id": version.run_id}
     metrics = {}
     try:
         if version.run_id:
@@ -226,7 +227,7 @@ def status_report(client, state, servers: list[str]) -> dict:
         production = {
             "version": holder,
             "model_uri": f"models:/{registry.REGISTERED_MODEL_NAME}/{holder}",
-            "dataset_hash": version.tags.get(registry.DATASET_HASH_TAG),
+            "dataset_hash": version.tags.get(DATASET_HASH),
             "held_out": _held_out_scores(client, version),
             "promotion": None if state.unrecorded_holder or record is None else record.as_dict(),
         }

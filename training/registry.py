@@ -40,16 +40,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from model import scoring
+from model.identity import (
+    DATASET_HASH,
+    PRODUCTION_ALIAS,
+    PRODUCTION_MODEL_URI,
+    PRODUCTION_STAGE,
+    REGISTERED_MODEL_NAME,
+    TRAINING_CONFIG_TAG,
+)
 from training.data import BUNDLED_SAMPLE, load_training_data
-
-REGISTERED_MODEL_NAME = "credit-risk-model"
-PRODUCTION_STAGE = "Production"
-PRODUCTION_ALIAS = "production"
-PRODUCTION_MODEL_URI = f"models:/{REGISTERED_MODEL_NAME}/{PRODUCTION_STAGE}"
-
-DATASET_HASH_TAG = "dataset_hash"
-TRAINING_CONFIG_TAG = "training_config_hash"
-TEST_ROC_AUC_TAG = "test_roc_auc"
 
 # The experiment tag the MLflow UI reads to tell model training from GenAI work
 # (``EXPERIMENT_KIND_TAG_KEY`` and ``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT`` in its source).
@@ -96,7 +95,7 @@ def versions_trained_on(
 ) -> list[ModelVersion]:
     """Registered versions trained on these exact bytes with this exact configuration."""
     found = client.search_model_versions(
-        f"name = '{REGISTERED_MODEL_NAME}' and tag.{DATASET_HASH_TAG} = '{dataset_hash}'"
+        f"name = '{REGISTERED_MODEL_NAME}' and tag.{DATASET_HASH} = '{dataset_hash}'"
     )
     return [v for v in found if v.tags.get(TRAINING_CONFIG_TAG) == training_config_hash]
 

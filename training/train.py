@@ -30,8 +30,8 @@ from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 import model
+from model.identity import DATASET_HASH
 from model.pyfunc import (
-    DATASET_HASH_METADATA,
     PIPELINE_ARTIFACT,
     THRESHOLD_CONFIG,
     CreditRiskModel,
@@ -146,13 +146,13 @@ def _log_dataset(data: TrainingData) -> None:
     fingerprint = data.fingerprint
     mlflow.log_params(
         {
-            "dataset_hash": fingerprint.sha256,
+            DATASET_HASH: fingerprint.sha256,
             "dataset_rows": fingerprint.rows,
             "dataset_columns": fingerprint.columns,
             "dataset_path": str(data.path),
         }
     )
-    mlflow.set_tag(registry.DATASET_HASH_TAG, fingerprint.sha256)
+    mlflow.set_tag(DATASET_HASH, fingerprint.sha256)
     frame = data.features.assign(**{TARGET: data.target})
     # MLflow's dataset table keeps at most 36 characters of digest; the full hash is the tag.
     dataset = mlflow.data.from_pandas(
@@ -197,7 +197,7 @@ def _log_model(pipeline, threshold: float, data: TrainingData, example: pd.DataF
             code_paths=[str(Path(model.__file__).parent)],
             signature=model_signature(),
             input_example=example,
-            metadata={DATASET_HASH_METADATA: data.fingerprint.sha256},
+            metadata={DATASET_HASH: data.fingerprint.sha256},
             pip_requirements=[f"{name}=={installed_version(name)}" for name in _MODEL_REQUIREMENTS],
         )
 
@@ -347,7 +347,7 @@ def _register(
             model_info,
             run_id,
             tags={
-                registry.DATASET_HASH_TAG: data.fingerprint.sha256,
+                DATASET_HASH: data.fingerprint.sha256,
                 registry.TRAINING_CONFIG_TAG: settings.config_hash(),
                 "test_roc_auc": f"{metrics['roc_auc']:.6f}",
                 **split.rule.tags(),

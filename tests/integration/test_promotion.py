@@ -21,10 +21,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from model.identity import DATASET_HASH, PRODUCTION_ALIAS, REGISTERED_MODEL_NAME, TEST_ROC_AUC_TAG
 from stack.cli import main
 from tests.helpers import credit_risk, free_port, mlflow_tracking_server, running, serving_service
 from training import registry
-from training.registry import PRODUCTION_ALIAS, REGISTERED_MODEL_NAME
 from training.settings import DEFAULT_EXPERIMENT
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ def fresh(client, trained_version):
 
 def register(client: MlflowClient, trained) -> str:
     """Another version of the trained model, with the tags status reads."""
-    kept = (registry.DATASET_HASH_TAG, registry.TEST_ROC_AUC_TAG)
+    kept = (DATASET_HASH, TEST_ROC_AUC_TAG)
     version = client.create_model_version(
         NAME,
         trained.source,

@@ -24,8 +24,8 @@ from logging_sidecar.reader import UnreadableBatch, read_records
 from logging_sidecar.records import KEY
 from logging_sidecar.service import DEAD_LETTER_FILE
 from model.schema import FEATURES
-from serving.capture import SpoolSettings, SpoolWriter
-from serving.spool_format import FORMAT_VERSION, encode
+from serving.capture import SpoolWriter
+from serving.spool_format import FORMAT_VERSION, SpoolSettings, encode
 from stack import processes, services
 from tests.helpers import free_port
 
