@@ -1,4 +1,7 @@
-"""``credit-risk sidecar`` (ship the spool to MLflow) and ``credit-risk records`` (read back)."""
+"""``credit-risk sidecar`` (ship the spool to MLflow) and ``credit-risk records`` (read back).
+
+The only place that builds the fault-point hook (tests only) from the settings.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def add_parser(subparsers) -> None:
 def run_sidecar(args) -> int:
     """0 after a SIGTERM drain; 1 when another sidecar holds the spool or an unexpected error
     stopped the loop (logged with its traceback), so that a supervisor restarts it."""
+    from logging_sidecar.faults import FaultPoints, no_faults
     from logging_sidecar.service import SpoolBusy
     from logging_sidecar.service import run_sidecar as run
     from logging_sidecar.settings import SidecarSettings
@@ -51,8 +55,12 @@ def run_sidecar(args) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
     )
     settings = SidecarSettings()
+    # The only place the test-only fault points become a hook; the loop just calls it.
+    faults = (
+        FaultPoints(settings.fault_points, settings.fault_pause_s) if settings.fault_points else no_faults
+    )
     try:
-        run(settings)
+        run(settings, faults)
     except SpoolBusy as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
