@@ -5,10 +5,20 @@ The only place that builds the fault-point hook (tests only) from the settings.
 
 from __future__ import annotations
 
+import argparse
 import logging
-import os
 import sys
 from pathlib import Path
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port (0-65535): {text!r}")
+    return port
 
 
 def add_parser(subparsers) -> None:
@@ -22,7 +32,7 @@ def add_parser(subparsers) -> None:
     )
     sidecar.add_argument("--spool-dir", type=Path, help="the spool folder (CREDIT_RISK_SPOOL_DIR)")
     sidecar.add_argument(
-        "--port", type=int, help="health and metrics port (CREDIT_RISK_SIDECAR_PORT, default 8083)"
+        "--port", type=_port, help="health and metrics port (CREDIT_RISK_SIDECAR_PORT, default 8083)"
     )
     sidecar.set_defaults(handler=run_sidecar)
 
@@ -40,24 +50,27 @@ def add_parser(subparsers) -> None:
 
 def run_sidecar(args) -> int:
     """0 after a SIGTERM drain; 1 when another sidecar holds the spool or an unexpected error
-    stopped the loop (logged with its traceback), so that a supervisor restarts it."""
+    stopped the loop (logged with its traceback), so that a supervisor restarts it. Bad
+    settings raise ``pydantic.ValidationError`` (exit 2, naming the variables)."""
     from logging_sidecar.faults import FaultPoints, no_faults
     from logging_sidecar.service import SpoolBusy
     from logging_sidecar.service import run_sidecar as run
     from logging_sidecar.settings import SidecarSettings
+    from serving.spool_format import SpoolSettings
 
+    flags = {}
     if args.spool_dir:
-        os.environ["CREDIT_RISK_SPOOL_DIR"] = str(args.spool_dir)
-    if args.port:
-        os.environ["CREDIT_RISK_SIDECAR_PORT"] = str(args.port)
-    sys.stdout.reconfigure(line_buffering=True)  # a log file shows each line as it happens
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
-    )
-    settings = SidecarSettings()
+        flags["spool"] = SpoolSettings(directory=args.spool_dir)  # the spool's other variables still apply
+    if args.port is not None:
+        flags["port"] = args.port
+    settings = SidecarSettings(**flags)
     # The only place the test-only fault points become a hook; the loop just calls it.
     faults = (
         FaultPoints(settings.fault_points, settings.fault_pause_s) if settings.fault_points else no_faults
+    )
+    sys.stdout.reconfigure(line_buffering=True)  # a log file shows each line as it happens
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
     )
     try:
         run(settings, faults)
