@@ -8,7 +8,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+
+
+def _moment(text: str) -> datetime:
+    """An ISO 8601 time for ``--since``/``--until``, UTC when it names no zone."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _port(text: str) -> int:
@@ -43,7 +53,12 @@ def add_parser(subparsers) -> None:
         "scored row, with the training feature names.",
     )
     records.add_argument("--model-version", help="only this registry version")
-    records.add_argument("--since", help="only records at or after this ISO time (UTC if naive)")
+    records.add_argument(
+        "--since", type=_moment, help="only records at or after this ISO 8601 time (UTC if it names no zone)"
+    )
+    records.add_argument(
+        "--until", type=_moment, help="only records before this ISO 8601 time (UTC if it names no zone)"
+    )
     records.add_argument("--output", type=Path, help="write to this .parquet or .csv file")
     records.set_defaults(handler=show_records)
 
@@ -85,16 +100,25 @@ def run_sidecar(args) -> int:
 
 def show_records(args) -> int:
     from logging_sidecar.reader import read_records
+    from model.identity import utc_timestamp
 
-    records = read_records(model_version=args.model_version, since=args.since)
+    # Bad arguments: one line and exit 2, before anything is read.
+    if args.output is not None and args.output.suffix not in (".parquet", ".csv"):
+        print(f"error: --output must end in .parquet or .csv, got {args.output}", file=sys.stderr)
+        return 2
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        print(
+            f"error: --until {utc_timestamp(args.until)} must be after --since {utc_timestamp(args.since)}",
+            file=sys.stderr,
+        )
+        return 2
+    records = read_records(model_version=args.model_version, since=args.since, until=args.until)
     if args.output is None:
         print(records.to_string(max_rows=20))
     elif args.output.suffix == ".parquet":
         records.to_parquet(args.output, index=False)
-    elif args.output.suffix == ".csv":
-        records.to_csv(args.output, index=False)
     else:
-        raise ValueError(f"--output must end in .parquet or .csv, got {args.output}")
+        records.to_csv(args.output, index=False)
     print(f"{len(records)} records", file=sys.stderr)
     for name, reason in records.attrs["skipped"]:
         print(f"skipped unreadable batch {name}: {reason}", file=sys.stderr)
