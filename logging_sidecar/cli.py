@@ -1,11 +1,34 @@
-"""``credit-risk sidecar`` (ship the spool to MLflow) and ``credit-risk records`` (read back)."""
+"""``credit-risk sidecar`` (ship the spool to MLflow) and ``credit-risk records`` (read back).
+
+The only place that builds the fault-point hook (tests only) from the settings.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
-import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+
+
+def _moment(text: str) -> datetime:
+    """An ISO 8601 time for ``--since``/``--until``, UTC when it names no zone."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port (0-65535): {text!r}")
+    return port
 
 
 def add_parser(subparsers) -> None:
@@ -19,7 +42,7 @@ def add_parser(subparsers) -> None:
     )
     sidecar.add_argument("--spool-dir", type=Path, help="the spool folder (CREDIT_RISK_SPOOL_DIR)")
     sidecar.add_argument(
-        "--port", type=int, help="health and metrics port (CREDIT_RISK_SIDECAR_PORT, default 8083)"
+        "--port", type=_port, help="health and metrics port (CREDIT_RISK_SIDECAR_PORT, default 8083)"
     )
     sidecar.set_defaults(handler=run_sidecar)
 
@@ -30,29 +53,42 @@ def add_parser(subparsers) -> None:
         "scored row, with the training feature names.",
     )
     records.add_argument("--model-version", help="only this registry version")
-    records.add_argument("--since", help="only records at or after this ISO time (UTC if naive)")
+    records.add_argument(
+        "--since", type=_moment, help="only records at or after this ISO 8601 time (UTC if it names no zone)"
+    )
+    records.add_argument(
+        "--until", type=_moment, help="only records before this ISO 8601 time (UTC if it names no zone)"
+    )
     records.add_argument("--output", type=Path, help="write to this .parquet or .csv file")
     records.set_defaults(handler=show_records)
 
 
 def run_sidecar(args) -> int:
     """0 after a SIGTERM drain; 1 when another sidecar holds the spool or an unexpected error
-    stopped the loop (logged with its traceback), so that a supervisor restarts it."""
+    stopped the loop (logged with its traceback), so that a supervisor restarts it. Bad
+    settings raise ``pydantic.ValidationError`` (exit 2, naming the variables)."""
+    from logging_sidecar.faults import FaultPoints, no_faults
     from logging_sidecar.service import SpoolBusy
     from logging_sidecar.service import run_sidecar as run
     from logging_sidecar.settings import SidecarSettings
+    from serving.spool_format import SpoolSettings
 
+    flags = {}
     if args.spool_dir:
-        os.environ["CREDIT_RISK_SPOOL_DIR"] = str(args.spool_dir)
-    if args.port:
-        os.environ["CREDIT_RISK_SIDECAR_PORT"] = str(args.port)
+        flags["spool"] = SpoolSettings(directory=args.spool_dir)  # the spool's other variables still apply
+    if args.port is not None:
+        flags["port"] = args.port
+    settings = SidecarSettings(**flags)
+    # The only place the test-only fault points become a hook; the loop just calls it.
+    faults = (
+        FaultPoints(settings.fault_points, settings.fault_pause_s) if settings.fault_points else no_faults
+    )
     sys.stdout.reconfigure(line_buffering=True)  # a log file shows each line as it happens
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
     )
-    settings = SidecarSettings()
     try:
-        run(settings)
+        run(settings, faults)
     except SpoolBusy as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -64,16 +100,25 @@ def run_sidecar(args) -> int:
 
 def show_records(args) -> int:
     from logging_sidecar.reader import read_records
+    from model.identity import utc_timestamp
 
-    records = read_records(model_version=args.model_version, since=args.since)
+    # Bad arguments: one line and exit 2, before anything is read.
+    if args.output is not None and args.output.suffix not in (".parquet", ".csv"):
+        print(f"error: --output must end in .parquet or .csv, got {args.output}", file=sys.stderr)
+        return 2
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        print(
+            f"error: --until {utc_timestamp(args.until)} must be after --since {utc_timestamp(args.since)}",
+            file=sys.stderr,
+        )
+        return 2
+    records = read_records(model_version=args.model_version, since=args.since, until=args.until)
     if args.output is None:
         print(records.to_string(max_rows=20))
     elif args.output.suffix == ".parquet":
         records.to_parquet(args.output, index=False)
-    elif args.output.suffix == ".csv":
-        records.to_csv(args.output, index=False)
     else:
-        raise ValueError(f"--output must end in .parquet or .csv, got {args.output}")
+        records.to_csv(args.output, index=False)
     print(f"{len(records)} records", file=sys.stderr)
     for name, reason in records.attrs["skipped"]:
         print(f"skipped unreadable batch {name}: {reason}", file=sys.stderr)

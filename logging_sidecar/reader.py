@@ -2,15 +2,18 @@
 
 One listing per run, then one GET per batch file, in parallel threads, each file parsed by
 pyarrow as it arrives and all of them converted to pandas once (per-file ``read_parquet``
-cost ~13 ms, most of the read). A batch that cannot be read is skipped and reported
-(``frame.attrs["skipped"]``: ``(name, reason)`` pairs, and a warning in the log) unless
-``strict=True``, which raises instead.
+cost ~13 ms, most of the read). Runs are chosen by their tags (version, UTC day) before any
+file is fetched; with ``columns``, pyarrow decodes only those columns (plus the record key,
+which filtering, deduplication and ordering need). A batch that cannot be read is skipped
+and reported (``frame.attrs["skipped"]``: ``(name, reason)`` pairs, and a warning in the log)
+unless ``strict=True``, which raises instead.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,18 +38,33 @@ class UnreadableBatch(RuntimeError):
     """A shipped batch could not be read back (``strict=True``)."""
 
 
-def _as_utc(moment: datetime | str | None) -> pd.Timestamp | None:
+def _as_utc(moment: datetime | str | None, name: str) -> pd.Timestamp | None:
     if moment is None:
         return None
-    stamp = pd.Timestamp(moment)
+    try:
+        stamp = pd.Timestamp(moment)
+    except ValueError as error:
+        raise ValueError(f"{name}={moment!r} is not a time: {error}") from None
     return stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)
+
+
+def _wanted_columns(columns: Sequence[str] | None) -> list[str] | None:
+    """The columns to decode: those asked for, plus the key (filter, deduplicate, order)."""
+    if columns is None:
+        return None
+    if isinstance(columns, str):
+        raise TypeError("columns must be a list of column names, not one string")
+    if unknown := [name for name in columns if name not in COLUMNS]:
+        raise ValueError(f"no record column {unknown}; the columns are {', '.join(COLUMNS)}")
+    return list(dict.fromkeys([*columns, *KEY]))
 
 
 class _Batches:
     """The batch files of some runs, fetched in parallel; failures collected, or raised."""
 
-    def __init__(self, client: MlflowClient, directory: Path, strict: bool):
+    def __init__(self, client: MlflowClient, directory: Path, strict: bool, columns: list[str] | None):
         self._client, self._directory, self._strict = client, directory, strict
+        self._columns = columns
         self.skipped: list[tuple[str, str]] = []
 
     def _fail(self, name: str, error: Exception) -> None:
@@ -76,7 +94,11 @@ class _Batches:
         try:
             # One GET: the public download first lists the path to see if it is a folder.
             repository._download_file(remote, str(local))
-            return pq.read_table(local)
+            if self._columns is None:
+                return pq.read_table(local)
+            with pq.ParquetFile(local) as batch:  # older layouts lack some columns
+                present = set(batch.schema_arrow.names)
+                return batch.read(columns=[name for name in self._columns if name in present])
         except Exception as error:
             self._fail(name, error)
             return None
@@ -84,9 +106,11 @@ class _Batches:
             local.unlink(missing_ok=True)
 
 
-def _fetch(client: MlflowClient, runs, strict: bool) -> tuple[pa.Table | None, list[tuple[str, str]]]:
+def _fetch(
+    client: MlflowClient, runs, strict: bool, columns: list[str] | None
+) -> tuple[pa.Table | None, list[tuple[str, str]]]:
     with tempfile.TemporaryDirectory() as directory, ThreadPoolExecutor(_WORKERS) as pool:
-        batches = _Batches(client, Path(directory), strict)
+        batches = _Batches(client, Path(directory), strict, columns)
         files = [file for listed in pool.map(batches.files, runs) for file in listed]
         tables = [t for t in pool.map(lambda file: batches.read(*file), files) if t is not None]
     if not tables:
@@ -107,7 +131,9 @@ def _oldest_first(records: pd.DataFrame) -> pd.DataFrame:
 def read_records(
     model_version: str | int | None = None,
     since: datetime | str | None = None,
+    until: datetime | str | None = None,
     *,
+    columns: Sequence[str] | None = None,
     experiment: str = INFERENCE_EXPERIMENT,
     client: MlflowClient | None = None,
     deduplicate: bool = True,
@@ -115,16 +141,19 @@ def read_records(
 ) -> pd.DataFrame:
     """Every shipped inference record (one row per scored row), oldest first.
 
-    ``model_version`` keeps one registry version; ``since`` (naive means UTC) keeps records
-    at or after that moment. Duplicates that an interrupted delivery may have left are
-    dropped on ``(request_id, row_index, timestamp)`` (a client reusing an id keeps all its
-    requests); ``deduplicate=False`` shows the files as stored. A batch that cannot be read
-    is skipped, logged and listed in ``attrs["skipped"]``; ``strict=True`` raises
-    :class:`UnreadableBatch` instead.
+    ``model_version`` keeps one registry version; ``since`` keeps records at or after that
+    moment and ``until`` those before it (naive means UTC, for both). ``columns`` returns only
+    those columns, in that order, and reads little else from the files. Duplicates that an
+    interrupted delivery may have left are dropped on ``(request_id, row_index, timestamp)``
+    (a client reusing an id keeps all its requests); ``deduplicate=False`` shows the files
+    as stored. A batch that cannot be read is skipped, logged and listed in
+    ``attrs["skipped"]``; ``strict=True`` raises :class:`UnreadableBatch` instead.
     """
+    since_utc, until_utc = _as_utc(since, "since"), _as_utc(until, "until")
+    wanted = _wanted_columns(columns)
+    output_columns = list(COLUMNS) if columns is None else list(columns)
     client = client or MlflowClient()
-    since_utc = _as_utc(since)
-    empty = pd.DataFrame(columns=list(COLUMNS))
+    empty = pd.DataFrame(columns=output_columns)
     empty.attrs["skipped"] = []
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -133,20 +162,30 @@ def read_records(
     if model_version is not None:
         filters.append(f"tags.model_version = '{model_version}'")
     runs = client.search_runs([found.experiment_id], filter_string=" and ".join(filters), max_results=50000)
-    if since_utc is not None:  # runs are per UTC day; tag filters only compare for equality
+    # Runs are per UTC day; tag filters only compare for equality, so days are compared here.
+    if since_utc is not None:
         runs = [r for r in runs if r.data.tags.get("day", "") >= since_utc.date().isoformat()]
-    table, skipped = _fetch(client, runs, strict)
+    if until_utc is not None:  # exclusive: a run of the day that starts at ``until`` is not read
+        last_day = (until_utc - pd.Timedelta(1, "ns")).date().isoformat()
+        runs = [r for r in runs if r.data.tags.get("day", "") <= last_day]
+    table, skipped = _fetch(client, runs, strict, wanted)
     for name, reason in skipped:
         logger.warning(f"read_records: skipped batch {name}: {reason}")
     if table is None:
         empty.attrs["skipped"] = skipped
         return empty
     records = table.to_pandas()
-    if since_utc is not None:
-        records = records[records["timestamp"] >= since_utc]
+    if since_utc is not None or until_utc is not None:
+        stamps = records["timestamp"]
+        keep = np.ones(len(records), dtype=bool)
+        if since_utc is not None:
+            keep &= (stamps >= since_utc).to_numpy()
+        if until_utc is not None:
+            keep &= (stamps < until_utc).to_numpy()
+        records = records[keep]
     if deduplicate:
         records = records.drop_duplicates(subset=KEY, keep="first")
     # Batches of layout 1 have no replica or registered_model column: they read back empty.
-    records = _oldest_first(records).reindex(columns=list(COLUMNS))
+    records = _oldest_first(records).reindex(columns=output_columns)
     records.attrs["skipped"] = skipped
     return records

@@ -1,8 +1,8 @@
-"""Sidecar settings, from the environment (one object per process).
+"""The sidecar's settings: one pydantic-settings object per process, from the environment.
 
 | variable | default | meaning |
 | --- | --- | --- |
-| ``CREDIT_RISK_SPOOL_DIR`` | (required) | the spool MLServer writes (see ``serving.capture``) |
+| ``CREDIT_RISK_SPOOL_DIR`` | (required) | the spool MLServer writes (see ``serving.spool_format``) |
 | ``CREDIT_RISK_SPOOL_MAX_BYTES`` | 1 GiB | above it, the oldest unshipped segments are dropped |
 | ``CREDIT_RISK_SIDECAR_STATE`` | ``<spool>/sidecar-state.db`` | SQLite file of shipped offsets and the dead-line counter |
 | ``CREDIT_RISK_FLUSH_RECORDS`` | 1000 | ship when this many records are pending ... |
@@ -16,74 +16,161 @@
 | ``CREDIT_RISK_MAX_LINE_BYTES`` | 64 MiB | longer request lines (~300,000 rows) are parked as dead lines |
 | ``CREDIT_RISK_FAULT_POINTS`` | (none) | **tests only**: comma-separated ``after_plan``, ``after_upload``, ``after_commit``; at each the sidecar prints ``FAULT-POINT <name> pid=<pid>`` to stderr and sleeps, so a test can SIGKILL it exactly there |
 | ``CREDIT_RISK_FAULT_PAUSE_S`` | 30 | **tests only**: how long it sleeps at a fault point |
-| ``MLFLOW_TRACKING_URI`` | | the MLflow tracking server |
+| ``MLFLOW_TRACKING_URI`` | | the MLflow tracking server (read by MLflow itself) |
+
+The spool's own variables (``CREDIT_RISK_SPOOL_*``, ``CREDIT_RISK_SEGMENT_*``, ...) are read by
+the nested ``SpoolSettings``, the same class the writer uses.
+
+Invariants: a bad value raises ``pydantic.ValidationError`` whose ``loc`` is the variable's
+name and whose ``input`` is its value, for every rule, including the rules between two
+variables (the message names the other one). The loop never reads the fault points: the CLI
+turns them into a hook (``logging_sidecar.faults``) and hands that to the loop.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from logging_sidecar.faults import FAULT_POINTS
+from model.identity import ENV_PREFIX
 from serving.spool_format import SpoolSettings
 
 INFERENCE_EXPERIMENT = "credit-risk-inference"
 DEFAULT_PORT = 8083
-FAULT_POINTS = ("after_plan", "after_upload", "after_commit")
+STATE_FILE = "sidecar-state.db"
 
 
-def _env(name: str, default, cast=str):
-    return cast(os.environ.get(name, default))
+class SidecarSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, populate_by_name=True, frozen=True)
 
-
-@dataclass(frozen=True)
-class SidecarSettings:
-    spool: SpoolSettings = field(default_factory=SpoolSettings)
-    state_path: Path | None = field(
-        default_factory=lambda: (
-            Path(os.environ["CREDIT_RISK_SIDECAR_STATE"])
-            if os.environ.get("CREDIT_RISK_SIDECAR_STATE")
-            else None
-        )
+    spool: SpoolSettings = Field(
+        default_factory=SpoolSettings, description="the spool, as its writer sees it (its own variables)"
     )
-    flush_records: int = field(default_factory=lambda: _env("CREDIT_RISK_FLUSH_RECORDS", 1000, int))
-    flush_interval_s: float = field(default_factory=lambda: _env("CREDIT_RISK_FLUSH_INTERVAL_S", 30, float))
-    max_batch_records: int = field(default_factory=lambda: _env("CREDIT_RISK_MAX_BATCH_RECORDS", 10000, int))
-    host: str = field(default_factory=lambda: _env("CREDIT_RISK_SIDECAR_HOST", "127.0.0.1"))
-    port: int = field(default_factory=lambda: _env("CREDIT_RISK_SIDECAR_PORT", DEFAULT_PORT, int))
-    experiment: str = field(
-        default_factory=lambda: _env("CREDIT_RISK_INFERENCE_EXPERIMENT", INFERENCE_EXPERIMENT)
+    state_file: Path | None = Field(
+        None,
+        validation_alias="CREDIT_RISK_SIDECAR_STATE",
+        description=f"SQLite file of shipped offsets and counters (default: <spool>/{STATE_FILE})",
     )
-    stall_after_s: float = field(default_factory=lambda: _env("CREDIT_RISK_STALL_AFTER_S", 120, float))
-    liveness_after_s: float = field(default_factory=lambda: _env("CREDIT_RISK_LIVENESS_AFTER_S", 600, float))
-    drain_s: float = field(default_factory=lambda: _env("CREDIT_RISK_SIDECAR_DRAIN_S", 20, float))
-    max_line_bytes: int = field(default_factory=lambda: _env("CREDIT_RISK_MAX_LINE_BYTES", 64 << 20, int))
-    fault_points: frozenset[str] = field(
-        default_factory=lambda: frozenset(
-            name.strip() for name in _env("CREDIT_RISK_FAULT_POINTS", "").split(",") if name.strip()
-        )
+    flush_records: int = Field(
+        1000, ge=1, validation_alias="CREDIT_RISK_FLUSH_RECORDS", description="ship at this many records"
     )
-    fault_pause_s: float = field(default_factory=lambda: _env("CREDIT_RISK_FAULT_PAUSE_S", 30, float))
-    poll_interval_s: float = 0.2
-    retry_min_s: float = 1.0
-    retry_max_s: float = 30.0
+    flush_interval_s: float = Field(
+        30,
+        gt=0,
+        validation_alias="CREDIT_RISK_FLUSH_INTERVAL_S",
+        description="... or when the oldest pending record is this old",
+    )
+    max_batch_records: int = Field(
+        10000,
+        validation_alias="CREDIT_RISK_MAX_BATCH_RECORDS",
+        description="largest batch (one Parquet file)",
+    )
+    host: str = Field(
+        "127.0.0.1", validation_alias="CREDIT_RISK_SIDECAR_HOST", description="health and metrics address"
+    )
+    port: int = Field(
+        DEFAULT_PORT,
+        ge=0,
+        le=65535,
+        validation_alias="CREDIT_RISK_SIDECAR_PORT",
+        description="health and metrics port",
+    )
+    experiment: str = Field(
+        INFERENCE_EXPERIMENT,
+        min_length=1,
+        validation_alias="CREDIT_RISK_INFERENCE_EXPERIMENT",
+        description="the MLflow experiment records go to",
+    )
+    stall_after_s: float = Field(
+        120,
+        validation_alias="CREDIT_RISK_STALL_AFTER_S",
+        description="/health/shipping is 503 when records are pending and nothing shipped for this long",
+    )
+    liveness_after_s: float = Field(
+        600,
+        gt=0,
+        validation_alias="CREDIT_RISK_LIVENESS_AFTER_S",
+        description="/health/live is 503 when the loop has not turned for this long",
+    )
+    drain_s: float = Field(
+        20,
+        ge=0,
+        validation_alias="CREDIT_RISK_SIDECAR_DRAIN_S",
+        description="on SIGTERM, wait for the writers and ship for at most this long",
+    )
+    max_line_bytes: int = Field(
+        64 << 20,
+        ge=1024,
+        validation_alias="CREDIT_RISK_MAX_LINE_BYTES",
+        description="longer spool lines are parked as dead lines",
+    )
+    # Tests only. NoDecode: the variable is a comma-separated list, not JSON.
+    fault_points: Annotated[frozenset[str], NoDecode] = Field(
+        frozenset(),
+        validation_alias="CREDIT_RISK_FAULT_POINTS",
+        description=f"tests only: pause at these points ({', '.join(FAULT_POINTS)})",
+    )
+    fault_pause_s: float = Field(
+        30, ge=0, validation_alias="CREDIT_RISK_FAULT_PAUSE_S", description="tests only: pause this long"
+    )
 
-    def __post_init__(self):
+    @field_validator("fault_points", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return frozenset(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("fault_points")
+    @classmethod
+    def _known_points(cls, value: frozenset[str]) -> frozenset[str]:
+        if unknown := value - set(FAULT_POINTS):
+            raise ValueError(
+                f"must name only {', '.join(FAULT_POINTS)}; unknown: {', '.join(sorted(unknown))}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _rules_between_variables(self) -> SidecarSettings:
+        """Rules that involve two variables (or the nested spool's), reported under the
+        variable that breaks them, with the other one named in the message."""
+        problems = []
         if self.spool.directory is None:
-            raise ValueError("CREDIT_RISK_SPOOL_DIR is not set: the sidecar needs the spool folder")
-        if self.flush_records < 1 or self.max_batch_records < self.flush_records:
-            raise ValueError("CREDIT_RISK_FLUSH_RECORDS must be >= 1 and <= CREDIT_RISK_MAX_BATCH_RECORDS")
-        if self.flush_interval_s <= 0:
-            raise ValueError("CREDIT_RISK_FLUSH_INTERVAL_S must be > 0")
+            problems.append(
+                ("CREDIT_RISK_SPOOL_DIR", None, "must be set: the sidecar ships that spool folder")
+            )
+        if self.flush_records > self.max_batch_records:
+            problems.append(
+                (
+                    "CREDIT_RISK_FLUSH_RECORDS",
+                    self.flush_records,
+                    f"must be <= CREDIT_RISK_MAX_BATCH_RECORDS ({self.max_batch_records})",
+                )
+            )
         if self.stall_after_s <= self.flush_interval_s:
-            raise ValueError("CREDIT_RISK_STALL_AFTER_S must be longer than CREDIT_RISK_FLUSH_INTERVAL_S")
-        if self.drain_s < 0 or self.max_line_bytes < 1024:
-            raise ValueError(
-                "CREDIT_RISK_SIDECAR_DRAIN_S must be >= 0 and CREDIT_RISK_MAX_LINE_BYTES >= 1024"
+            problems.append(
+                (
+                    "CREDIT_RISK_STALL_AFTER_S",
+                    self.stall_after_s,
+                    f"must be longer than CREDIT_RISK_FLUSH_INTERVAL_S ({self.flush_interval_s:g})",
+                )
             )
-        if unknown := self.fault_points - set(FAULT_POINTS):
-            raise ValueError(
-                f"CREDIT_RISK_FAULT_POINTS: unknown {sorted(unknown)}; known: {', '.join(FAULT_POINTS)}"
+        if problems:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    {"type": PydanticCustomError("value_error", message), "loc": (variable,), "input": value}
+                    for variable, value, message in problems
+                ],
             )
-        if self.state_path is None:
-            object.__setattr__(self, "state_path", self.spool.directory / "sidecar-state.db")
+        return self
+
+    @property
+    def state_path(self) -> Path:
+        """``CREDIT_RISK_SIDECAR_STATE``, or ``sidecar-state.db`` in the spool."""
+        return self.state_file or self.spool.directory / STATE_FILE

@@ -30,10 +30,6 @@ class Segment:
     writer: str  # ``<host>-<pid>-<start_ns>``: whose lock says whether it is still written
     order: tuple[int, int]  # opening time (ns), then sequence: oldest first across writers
 
-    @property
-    def host(self) -> str:
-        return self.writer.rsplit("-", 2)[0]
-
 
 @dataclass(frozen=True)
 class DeadLine:

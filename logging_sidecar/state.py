@@ -131,13 +131,6 @@ class State:
                 session.add(segment)
             session.get(_Flush, flush.id).status = "shipped"
 
-    def skip(self, name: str, offset: int) -> None:
-        """Advance a segment without shipping (its bytes were dropped by the size limit)."""
-        with Session(self._engine) as session, session.begin():
-            segment = session.get(_Segment, name) or _Segment(name=name)
-            segment.shipped_offset = offset
-            session.add(segment)
-
     def trim(self, name: str, end: int, records: int) -> bool:
         """Count a segment's unshipped records as dropped, once, and mark it shipped up to
         ``end`` in the same transaction, so that a crash before its file is deleted neither

@@ -1,7 +1,9 @@
 """Inference capture: every answered request, appended to a spool the logging sidecar ships.
 
-The spool is a folder of append-only JSON Lines segment files, one open segment per scoring
-process (so it works with MLServer's parallel workers on or off), rotated by size and age.
+The spool is a folder of append-only JSON Lines segment files, rotated by size and age. Each
+writing process has one open segment of its own: a serving replica is one process (MLServer's
+parallel workers are refused, see ``serving.server``), and a restarted server is a new writer
+beside the segments its predecessor left, which the sidecar still ships.
 One line holds one request: its identity, the features exactly as the model received them
 (``null`` for missing), the outputs and the latency.
 
@@ -50,8 +52,8 @@ _FULL_LOG_EVERY_S = 60.0
 
 
 class SpoolWriter:
-    """The open segment of one process. Not thread-safe: MLServer calls ``predict`` from one
-    event loop per process, and nothing here awaits."""
+    """The open segment of this process. Not thread-safe: MLServer calls ``predict`` from its
+    one event loop, and nothing here awaits."""
 
     def __init__(self, settings: SpoolSettings):
         self.settings = settings

@@ -63,7 +63,7 @@ def test_oldest_segments_are_dropped_first_when_mlflow_is_unreachable(tmp_path, 
     metric = sidecar.metrics.registry.get_sample_value
     dropped = metric("credit_risk_sidecar_records_dropped")
     assert dropped >= 50
-    assert Sidecar(settings).records_dropped == dropped, "the count did not survive a restart"
+    assert Sidecar(settings).snapshot.records_dropped == dropped, "the count did not survive a restart"
     assert metric("credit_risk_sidecar_spool_full") == 1
     assert "dropped the oldest unshipped segment" in caplog.text
     assert metric("credit_risk_sidecar_flush_failures_total") == 1  # retried later, not lost
