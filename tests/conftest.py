@@ -65,6 +65,21 @@ def pytest_make_collect_report(collector: pytest.Collector):
     return report
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Tests that recorded a ``replay`` property (``record_property``: the fault suite's seeds)
+    are listed at the end of every run, passed or not, with the command that runs them again."""
+    outcomes: dict[str, tuple[str, str]] = {}
+    for category, reports in terminalreporter.stats.items():
+        for report in reports:
+            replay = dict(getattr(report, "user_properties", ())).get("replay")
+            if replay and (report.nodeid not in outcomes or report.failed):
+                outcomes[report.nodeid] = (category or report.outcome, replay)
+    if outcomes:
+        terminalreporter.section("replay")
+        for nodeid, (outcome, replay) in sorted(outcomes.items()):
+            terminalreporter.line(f"{outcome.upper()} {nodeid}\n    {replay}")
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_active_experiment():
     """``mlflow.set_experiment`` pins the active experiment process-wide (and exports
