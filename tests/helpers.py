@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,6 +130,28 @@ class Answer:
     replica: str | None = None
 
 
+# Kinds of ``Failure``: ``refused`` never reached a server (connection refused), so it was never
+# scored; the others may have been scored and captured before the answer was lost.
+REFUSED, TRANSPORT, STATUS, BAD_ANSWER = "refused", "transport", "status", "bad answer"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One request that got no usable answer, as the client saw it: ``kind`` is ``refused``
+    (connection refused), ``transport`` (timeout, reset, connection closed), ``status`` (an
+    answer other than 200) or ``bad answer`` (a 200 that is not a V2 answer); ``started`` and
+    ``ended`` are ``time.monotonic()`` readings around the request."""
+
+    request_id: str
+    kind: str
+    detail: str
+    started: float
+    ended: float
+
+    def overlaps(self, start: float, end: float) -> bool:
+        return self.started <= end and self.ended >= start
+
+
 class HeldBody:
     """A request body sent in two halves: the second only once ``release`` is called, so the
     request is certainly in flight (accepted, not finished) in between."""
@@ -149,11 +172,12 @@ class HeldBody:
 
 
 class Client:
-    """Posts V2 requests built from sample rows and remembers what was answered, by whom.
+    """Posts V2 requests built from sample rows and records every outcome: each request ends
+    as exactly one ``Answer`` or one ``Failure``, and ``send`` returns it.
 
     ``url`` may be changed between requests (a restarted server gets new ports). A request
-    that was never answered is remembered too (``unanswered``): the server may have scored it
-    and captured it before it died, so its records may exist without being an answer.
+    that was not answered may still have been scored and captured before its answer was lost
+    (``unanswered``): its records may exist without being an answer.
     """
 
     def __init__(self, sample: pd.DataFrame, url: str = "", replica: str | None = None, seed: int = 0):
@@ -162,16 +186,14 @@ class Client:
         self.replica = replica
         self.random = np.random.default_rng(seed)
         self.answers: list[Answer] = []
-        self.unanswered: list[str] = []
-        self.refused = 0  # connection refused: never accepted by a server
-        self.cut_off: list[tuple[str, str]] = []  # (request id, what happened): no 200 answer
+        self.failures: list[Failure] = []
         self._lock = threading.Lock()
 
     def rows(self, count: int) -> pd.DataFrame:
-        picks = self.random.integers(0, len(self.sample), size=count)
+        picks = self.random.integers(0, len(self.sample), size=count)  # numpy locks its generator
         return self.sample.iloc[picks].reset_index(drop=True)
 
-    def send(self, rows: int = 1, timeout: float = 120, hold: HeldBody | None = None) -> Answer | None:
+    def send(self, rows: int = 1, timeout: float = 120, hold: HeldBody | None = None) -> Answer | Failure:
         """One request; with ``hold``, its body is sent in two halves (see ``HeldBody``)."""
         # Imported here: that module imports this one.
         from tests.integration.test_serving import v2_body
@@ -179,31 +201,35 @@ class Client:
         frame = self.rows(rows)
         request_id = f"req-{uuid.uuid4().hex}"
         body = json.dumps(v2_body(frame, id=request_id)).encode()
+        started = time.monotonic()
+
+        def failed(kind: str, detail: str) -> Failure:
+            failure = Failure(request_id, kind, detail, started, time.monotonic())
+            with self._lock:
+                self.failures.append(failure)
+            return failure
+
         try:
             # A new connection per request: a kept-alive one may be closed by a stopping
-            # server between requests, which is no cut-off.
+            # server between requests, which is no failure of that request.
             response = httpx.post(
                 f"{self.url}/v2/models/{MODEL_NAME}/infer",
                 content=body if hold is None else hold.halves(body),
                 headers={"Content-Type": "application/json"},
                 timeout=timeout,
             )
-        except httpx.ConnectError:
-            with self._lock:
-                self.refused += 1
-            return None
-        except httpx.HTTPError as error:
-            with self._lock:
-                self.unanswered.append(request_id)
-                self.cut_off.append((request_id, f"{type(error).__name__}: {error}"))
-            return None
+        except httpx.ConnectError as error:
+            return failed(REFUSED, f"{type(error).__name__}: {error}")
+        except httpx.RequestError as error:  # timeouts, resets, a connection closed unanswered
+            return failed(TRANSPORT, f"{type(error).__name__}: {error}")
         if response.status_code != 200:
-            with self._lock:
-                self.unanswered.append(request_id)
-                self.cut_off.append((request_id, f"HTTP {response.status_code} {response.text[:200]}"))
-            return None
-        outputs = {o["name"]: np.ravel(o["data"]) for o in response.json()["outputs"]}
-        answer = Answer(request_id, frame, outputs["probability"].astype("float64"), self.replica)
+            return failed(STATUS, f"HTTP {response.status_code} {response.text[:200]}")
+        try:
+            outputs = {o["name"]: np.ravel(o["data"]) for o in response.json()["outputs"]}
+            probability = outputs["probability"].astype("float64")
+        except (ValueError, KeyError, TypeError) as error:
+            return failed(BAD_ANSWER, f"{type(error).__name__}: {error}: {response.text[:200]}")
+        answer = Answer(request_id, frame, probability, self.replica)
         with self._lock:
             self.answers.append(answer)
         return answer
@@ -212,35 +238,73 @@ class Client:
     def answered_rows(self) -> int:
         return sum(len(a.features) for a in self.answers)
 
+    @property
+    def unanswered(self) -> list[str]:
+        """Requests that may have been scored without their answer arriving."""
+        return [failure.request_id for failure in self.failures if failure.kind != REFUSED]
+
+    def failure_counts(self) -> dict[str, int]:
+        """Failures by kind, for the test's report."""
+        counts: dict[str, int] = {}
+        for failure in self.failures:
+            counts[failure.kind] = counts.get(failure.kind, 0) + 1
+        return counts
+
 
 class Background:
     """``threads`` daemon threads running ``_run`` for the length of a ``with`` block; ``_run``
-    returns once ``stopping`` is set."""
+    returns once ``stopping`` is set.
+
+    No thread ends unnoticed: an exception that escapes ``_run`` is recorded with its
+    traceback, and leaving the block fails (``AssertionError``) when a thread died or did not
+    stop within ``join_timeout_s``. When the block itself raised, that error is kept and the
+    dead threads' tracebacks are printed beside it.
+    """
 
     join_timeout_s = 30.0
 
     def __init__(self, threads: int = 1):
         self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self.died: list[str] = []
+        name = type(self).__name__
+        self.threads = [
+            threading.Thread(target=self._guarded, name=f"{name}-{n}", daemon=True) for n in range(threads)
+        ]
 
     def _run(self):
         raise NotImplementedError
+
+    def _guarded(self):
+        try:
+            self._run()
+        except BaseException:
+            self.died.append(f"{threading.current_thread().name} died:\n{traceback.format_exc()}")
 
     def __enter__(self):
         for thread in self.threads:
             thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         self.stopping.set()
         for thread in self.threads:
             thread.join(timeout=self.join_timeout_s)
+        stuck = [thread.name for thread in self.threads if thread.is_alive()]
+        problems = self.died + [
+            f"{name} still running {self.join_timeout_s:.0f} s after stop" for name in stuck
+        ]
+        if problems and exc_type is None:
+            raise AssertionError("background threads failed:\n" + "\n".join(problems))
+        if problems:
+            print("background threads failed as well:\n" + "\n".join(problems))
+        return False
 
 
 class Load(Background):
-    """Client threads sending small requests until stopped (traffic while faults happen)."""
+    """Client threads sending small requests until stopped (traffic while faults happen).
+    Every outcome lands in the client's ``answers`` or ``failures``."""
 
-    join_timeout_s = 120.0
+    join_timeout_s = 120.0  # longer than a request's own timeout
 
     def __init__(self, client: Client, threads: int = 2, row_choices=(1, 1, 1, 3, 20)):
         super().__init__(threads)
@@ -248,8 +312,24 @@ class Load(Background):
 
     def _run(self):
         while not self.stopping.is_set():
-            if self.client.send(int(self.client.random.choice(self.row_choices)), timeout=60) is None:
-                time.sleep(0.1)  # the server is away: don't spin
+            rows = int(self.client.random.choice(self.row_choices))
+            if isinstance(self.client.send(rows, timeout=60), Failure):
+                self.stopping.wait(0.1)  # the server is away: don't spin
+
+
+class InFlight(Background):
+    """One request sent on a thread of its own, so that the test can act while it is in
+    flight (with ``HeldBody``); its outcome is ``outcome`` once the block has ended."""
+
+    join_timeout_s = 150.0  # longer than the request's own timeout
+
+    def __init__(self, client: Client, rows: int, hold: HeldBody | None = None):
+        super().__init__(1)
+        self.client, self.rows, self.hold = client, rows, hold
+        self.outcome: Answer | Failure | None = None
+
+    def _run(self):
+        self.outcome = self.client.send(self.rows, hold=self.hold)
 
 
 def answered_frame(answers: list[Answer]) -> pd.DataFrame:

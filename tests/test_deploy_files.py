@@ -1,7 +1,6 @@
 """Static checks of the deployment files: hadolint and `docker compose config`."""
 
 import json
-import os
 import shutil
 import subprocess
 
@@ -25,9 +24,7 @@ def _compose_config(*files: str) -> dict:
         shutil.which("docker") is None
         or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0
     ):
-        if os.environ.get("CREDIT_RISK_REQUIRE_DOCKER") == "1":
-            pytest.fail("CREDIT_RISK_REQUIRE_DOCKER=1 but `docker compose` is not available")
-        pytest.skip("`docker compose` is not available")
+        pytest.skip("`docker compose` is not available")  # a failure under CI (tests/conftest.py)
     flags = [arg for name in files for arg in ("-f", name)]
     result = subprocess.run(
         ["docker", "compose", *flags, "config", "--format", "json"], cwd=REPO, capture_output=True, text=True

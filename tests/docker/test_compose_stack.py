@@ -121,9 +121,7 @@ class Compose:
 
 @pytest.fixture(scope="module")
 def compose():
-    if not _docker_usable():
-        if os.environ.get("CREDIT_RISK_REQUIRE_DOCKER") == "1":
-            pytest.fail("CREDIT_RISK_REQUIRE_DOCKER=1 but no usable Docker engine with Compose v2")
+    if not _docker_usable():  # a failure under CI (tests/conftest.py)
         pytest.skip("no usable Docker engine with Compose v2")
     stack = Compose()
     try:
@@ -303,9 +301,7 @@ def test_the_kubernetes_database_pod_runs_under_its_security_context():
     initialises, answers the manifest's probe command, and stops cleanly."""
     from tests.test_kubernetes_manifests import _container, _pod_specs
 
-    if not _docker_usable():
-        if os.environ.get("CREDIT_RISK_REQUIRE_DOCKER") == "1":
-            pytest.fail("CREDIT_RISK_REQUIRE_DOCKER=1 but no usable Docker engine with Compose v2")
+    if not _docker_usable():  # a failure under CI (tests/conftest.py)
         pytest.skip("no usable Docker engine with Compose v2")
     pod, container = _pod_specs()["db"], _container("db", "db")
     secret = yaml.safe_load((REPO / "deploy" / "kubernetes" / "10-db-secret.yaml").read_text())
