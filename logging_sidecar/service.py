@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import OperationalError
 
 from logging_sidecar.backlog import Backlog, byte_ranges
-from logging_sidecar.dead_letters import DEAD_LETTER_FILE, DeadLetters
+from logging_sidecar.dead_letters import DeadLetters
 from logging_sidecar.faults import FaultHook, no_faults
 from logging_sidecar.health import HealthRules, Snapshot
 from logging_sidecar.http import serve_http
@@ -44,9 +44,6 @@ from logging_sidecar.shipper import Shipper, group_by_run
 from logging_sidecar.spool import list_segments
 from logging_sidecar.state import Flush, State
 from serving.spool_format import live_writers
-
-# DEAD_LETTER_FILE is re-exported: tests/integration/test_fault_injection.py imports it here.
-__all__ = ["DEAD_LETTER_FILE", "Sidecar", "SpoolBusy", "lock_spool", "run_sidecar"]
 
 logger = logging.getLogger("credit_risk.sidecar")
 

@@ -41,8 +41,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from logging_sidecar.dead_letters import DEAD_LETTER_FILE
 from logging_sidecar.reader import read_records
-from logging_sidecar.service import DEAD_LETTER_FILE
 from logging_sidecar.settings import INFERENCE_EXPERIMENT
 from logging_sidecar.shipper import RECORDS_DIR
 from serving.capture import _RETRY_AFTER_FAILURE_S as RETRY_AFTER_FAILURE_S
