@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from model.schema import FEATURES
-from monitoring.profile import PROFILE_FILE, VALUES_FILE, ReferenceProfile, reconstruct_profile
+from monitoring.profile import PROFILE_FILE, ReferenceProfile, reconstruct_profile
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,7 @@ def load_profile(client: MlflowClient, run_id: str) -> ReferenceProfile | None:
     if not _has_artifact(client, run_id, f"{PROFILE_DIR}/{PROFILE_FILE}"):
         return None
     with tempfile.TemporaryDirectory() as directory:
-        for name in (PROFILE_FILE, VALUES_FILE):
-            client.download_artifacts(run_id, f"{PROFILE_DIR}/{name}", directory)
-        return ReferenceProfile.load(Path(directory) / PROFILE_DIR)
+        return ReferenceProfile.load(Path(client.download_artifacts(run_id, PROFILE_DIR, directory)))
 
 
 def reconstruct_from_run(
