@@ -13,7 +13,10 @@ Why 500 rows. PSI is Jeffreys' divergence; between two samples of one population
 the 11 bins of a continuous feature (10 deciles and the missing bin) and N ~ 96,000 training
 rows, noise alone gives a PSI of about 10/n on average, and its 99.9th percentile is about
 29.6/n: 0.06 at n = 500 (below the warn threshold), but 0.15 at n = 200 and 2.5 at n = 12.
-So below 500 rows a warning could be noise, and an ``ok`` says too little.
+Measured on the real data (``benchmarks/monitoring_noise.py``, 1,000 windows of held-out rows
+per size, no drift): some feature reached 0.1 in 93 % of 100-row windows, 15 % of 200-row
+windows and none of the 500-row windows. So below 500 rows a warning could be noise, and an
+``ok`` says too little.
 
 Outcome metrics need enough labelled rows of both classes: ``min_labelled_rows`` (500) and
 ``min_class_rows`` (50) of each outcome. The standard error of an AUC is driven by the
