@@ -368,15 +368,15 @@ class Ingest:
     run_id: str | None = None
     _experiment_id: str | None = None
     _checked: set[str] = field(default_factory=set)
-    _known: list[pd.DataFrame] = field(default_factory=list)
+    _started_ms: int = 0
 
     def plan(self) -> None:
         """Compare with the committed batches: refuse conflicts, keep the new keys."""
         self._experiment_id = experiment_id(self.client, self.experiment, restore_deleted=False)
         committed = [r for r in _batch_runs(self.client, self._experiment_id) if _state(r) == COMMITTED]
-        self._known = _read_batches(self.client, committed)
+        frames = _read_batches(self.client, committed)
         self._checked = {run.info.run_id for run in committed}
-        known = pd.concat(self._known) if self._known else pd.DataFrame(columns=list(COLUMNS))
+        known = pd.concat(frames) if frames else pd.DataFrame(columns=list(COLUMNS))
         conflicts = _conflicts(self.file.frame, _keyed(known), "stored")
         if conflicts:
             raise ConflictingOutcomes(self.file.name, conflicts)
@@ -400,7 +400,7 @@ class Ingest:
                 FILE_ROWS_TAG: str(len(self.file.frame)),
             },
         )
-        self.run_id = run.info.run_id
+        self.run_id, self._started_ms = run.info.run_id, run.info.start_time
         try:
             with tempfile.TemporaryDirectory() as directory:
                 path = Path(directory) / f"{digest}.parquet"
@@ -435,6 +435,10 @@ class Ingest:
             if conflicts:
                 self._withdraw()
                 raise ConflictingOutcomes(self.file.name, conflicts)
+            if time.time() * 1000 - self._started_ms > ANNOUNCED_TTL_S * 1000 / 2:
+                # Others stop heeding an announcement after the TTL: committing this late could
+                # store a conflict that a concurrent ingest no longer saw.
+                raise OutcomeError(f"{self.file.name}: the ingest took too long; nothing stored, try again")
             self.client.set_tag(self.run_id, STATE_TAG, COMMITTED)
         except ConflictingOutcomes:
             raise

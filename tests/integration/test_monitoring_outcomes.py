@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 
-import pandas as pd
 import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
@@ -19,6 +19,7 @@ from monitoring.outcomes import (
     STATE_TAG,
     ConflictingOutcomes,
     Ingest,
+    OutcomeError,
     OutcomeFileError,
     add_outcomes,
     parse_outcome_bytes,
@@ -203,25 +204,53 @@ def test_two_conflicting_ingests_at_the_same_moment(client, tmp_path):
             assert set(frame["request_id"]) == {"shared", f"own-{committed[0]}"}
 
 
-def test_an_abandoned_announcement_blocks_conflicts_only_until_it_expires(client, experiment, monkeypatch):
-    """An ingest that died after announcing: a conflicting ingest is refused while the
-    announcement is fresh, and goes through once it is older than the TTL."""
-    import monitoring.outcomes as outcomes_module
-
-    dead = Ingest(client, parse_outcome_bytes(b"request_id,outcome\nk,1\n", "dead.csv"), experiment)
+def announce_and_die(client, experiment: str, text: bytes, minutes_ago: float, monkeypatch) -> None:
+    """An ingest that announced its batch ``minutes_ago`` and died before committing."""
+    dead = Ingest(client, parse_outcome_bytes(text, "dead.csv"), experiment)
     dead.plan()
-    dead.announce()  # and never commits
+    create_run = client.create_run
+    started = int(time.time() * 1000 - minutes_ago * 60_000)
+    with monkeypatch.context() as patch:  # the real server, with the start time it would have had
+        patch.setattr(
+            client, "create_run", lambda *args, **kwargs: create_run(*args, start_time=started, **kwargs)
+        )
+        dead.announce()
     assert [r.data.tags[STATE_TAG] for r in all_runs(client, experiment)] == [ANNOUNCED]
+
+
+def test_an_abandoned_announcement_blocks_conflicts_only_until_it_expires(client, monkeypatch):
     late = parse_outcome_bytes(b"request_id,outcome\nk,0\n", "late.csv")
-    refused = Ingest(client, late, experiment)
+    fresh = f"fresh-{uuid.uuid4().hex[:8]}"
+    announce_and_die(client, fresh, b"request_id,outcome\nk,1\n", minutes_ago=1, monkeypatch=monkeypatch)
+    refused = Ingest(client, late, fresh)
     refused.plan()
     refused.announce()
-    with pytest.raises(ConflictingOutcomes, match=r"in a concurrent ingest"):
+    with pytest.raises(ConflictingOutcomes, match=r"0 here, 1 in a concurrent ingest"):
         refused.commit()
+    assert len(read_outcomes(client=client, experiment=fresh)) == 0
+    expired = f"expired-{uuid.uuid4().hex[:8]}"
+    announce_and_die(client, expired, b"request_id,outcome\nk,1\n", minutes_ago=11, monkeypatch=monkeypatch)
+    assert add_outcomes_bytes(client, late, expired).new_rows == 1
+    assert stored(client, expired) == {("k", 0, 0)}
+
+
+def add_outcomes_bytes(client, parsed, experiment):
+    ingest = Ingest(client, parsed, experiment)
+    ingest.plan()
+    ingest.announce()
+    return ingest.commit()
+
+
+def test_an_ingest_slower_than_half_the_ttl_withdraws(client, experiment, monkeypatch):
+    """Others stop heeding an announcement after the TTL, so a late commit could store a
+    conflict nobody checked: it withdraws instead."""
+    import monitoring.outcomes as outcomes_module
+
+    slow = Ingest(client, parse_outcome_bytes(b"request_id,outcome\nk,1\n", "slow.csv"), experiment)
+    slow.plan()
+    slow.announce()
     monkeypatch.setattr(outcomes_module, "ANNOUNCED_TTL_S", 0)
-    retried = Ingest(client, late, experiment)
-    retried.plan()
-    retried.announce()
-    assert retried.commit().new_rows == 1
-    assert stored(client, experiment) == {("k", 0, 0)}
-    assert isinstance(read_outcomes(client=client, experiment=experiment), pd.DataFrame)
+    with pytest.raises(OutcomeError, match="took too long; nothing stored"):
+        slow.commit()
+    assert len(read_outcomes(client=client, experiment=experiment)) == 0
+    assert [run.info.lifecycle_stage for run in all_runs(client, experiment)] == ["deleted"]
