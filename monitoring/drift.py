@@ -4,9 +4,9 @@ Per feature, over the window's n rows:
 
 - **PSI** (population stability index) on the reference bins and the missing bin:
   ``PSI = sum_i (a_i - e_i) * ln(a_i / e_i)``, where ``a_i`` is the window's share of rows in
-  bin i and ``e_i`` the reference's. **Small-count rule:** a share of zero (in either
-  distribution) is replaced by ``SHARE_FLOOR`` = 0.0001 before the formula, and shares are not
-  renormalised (the convention of the usual scorecard monitoring code and of Evidently). A bin
+  bin i and ``e_i`` the reference's. **Small-count rule:** every share below ``SHARE_FLOOR``
+  = 0.0001 (in either distribution), zero included, is raised to it before the formula, and
+  shares are not renormalised (Evidently puts the same 0.0001 in its empty bins). A bin
   empty on both sides adds nothing; a bin empty on one side adds a bounded, visible amount
   instead of an infinite one: a reference bin of 10 % that the window leaves empty adds
   (0.0001 - 0.1) ln(0.001) = 0.69, and a missing bin that the reference never used but that

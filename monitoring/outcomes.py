@@ -116,10 +116,12 @@ class Conflict:
 
 
 class ConflictingOutcomes(OutcomeError):
-    """Keys whose outcome differs from one already known; ``conflicts`` lists them all."""
+    """Keys whose outcome differs from one already known; ``conflicts`` lists them all.
+    ``within_file``: the file contradicts itself (an unusable file), rather than what is stored."""
 
-    def __init__(self, name: str, conflicts: list[Conflict]):
+    def __init__(self, name: str, conflicts: list[Conflict], within_file: bool = False):
         self.conflicts = conflicts
+        self.within_file = within_file
         shown = "; ".join(map(str, conflicts[:_SHOWN]))
         more = f"; and {len(conflicts) - _SHOWN} more" if len(conflicts) > _SHOWN else ""
         super().__init__(
@@ -251,7 +253,7 @@ def parse_outcome_bytes(data: bytes, name: str) -> OutcomeFile:
     if parser.problems:
         raise OutcomeFileError(name, parser.problems)
     if parser.conflicts:
-        raise ConflictingOutcomes(name, parser.conflicts)
+        raise ConflictingOutcomes(name, parser.conflicts, within_file=True)
     if not kept:
         raise OutcomeFileError(name, [Problem(first[0] + 1, None, "no outcome rows after the header")])
     return OutcomeFile(name, hashlib.sha256(data).hexdigest(), _frame(kept))

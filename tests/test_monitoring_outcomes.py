@@ -111,6 +111,7 @@ def test_a_key_twice_with_the_same_outcome_counts_once_and_with_another_is_refus
         "('r2', row 0): 1 here, 0 on line 3",
     ]
     assert "2 key(s) with a conflicting outcome, nothing stored" in str(raised.value)
+    assert raised.value.within_file
 
 
 def test_a_missing_file_is_named(tmp_path):

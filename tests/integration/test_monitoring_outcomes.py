@@ -101,6 +101,7 @@ def test_a_conflict_with_stored_outcomes_is_refused_with_its_keys_and_nothing_wr
         "('r2', row 0): 1 here, 0 stored",
         "('r3', row 0): 1 here, 0 stored",
     ]
+    assert not raised.value.within_file
     assert stored(client, experiment) == before  # r9, which was new, was not stored either
     assert len(all_runs(client, experiment)) == runs_before
 
