@@ -41,7 +41,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 import re
 import tempfile
@@ -51,6 +50,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
@@ -283,12 +283,22 @@ def _frame(rows: list[tuple]) -> pd.DataFrame:
 
 
 def batch_digest(frame: pd.DataFrame) -> str:
-    """SHA-256 of a batch's content, whatever the order of its rows."""
+    """SHA-256 of a batch's content, whatever the order of its rows: the rows sorted by key,
+    then column by column in fixed encodings (request ids as UTF-8 with their byte lengths,
+    row and outcome as little-endian integers, observed_at as int64 nanoseconds with NaT as
+    the smallest int64)."""
     ordered = frame.sort_values(["request_id", "row_index"], kind="stable")
+    encoded = [text.encode() for text in ordered["request_id"]]
+    observed = pd.to_datetime(ordered["observed_at"], utc=True).dt.as_unit("ns")
     digest = hashlib.sha256()
-    for request_id, row, outcome, observed in ordered[list(COLUMNS)].itertuples(index=False):
-        stamp = None if pd.isna(observed) else observed.isoformat()
-        digest.update(json.dumps([request_id, int(row), int(outcome), stamp]).encode() + b"\n")
+    for part in (
+        np.array([len(text) for text in encoded], dtype="<i8").tobytes(),
+        b"".join(encoded),
+        ordered["row_index"].to_numpy(dtype="<i4").tobytes(),
+        ordered["outcome"].to_numpy(dtype="<i1").tobytes(),
+        observed.array.asi8.astype("<i8").tobytes(),  # NaT is the smallest int64
+    ):
+        digest.update(len(part).to_bytes(8, "little") + part)
     return digest.hexdigest()
 
 
