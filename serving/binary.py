@@ -19,6 +19,9 @@ Invariants:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 
 from serving.errors import InvalidRequest, show
@@ -70,7 +73,12 @@ class Tensors:
 
     def __init__(self, body: memoryview, start: int):
         self._body = body
-        self._at = start
+        self._start = self._at = start
+
+    @property
+    def region(self) -> memoryview:
+        """Every raw byte after the JSON header."""
+        return self._body[self._start :]
 
     def take(self, name: str, size: int) -> memoryview:
         left = len(self._body) - self._at
@@ -101,19 +109,31 @@ def check_size(name: str, datatype: str, rows: int, size: int) -> None:
         )
 
 
-def read_column(name: str, datatype: str, raw: memoryview, out: np.ndarray) -> None:
-    """Decode one raw tensor (its size checked) into ``out``, a float64 column of the matrix."""
+def read_column(datatype: str, raw: memoryview, out: np.ndarray) -> None:
+    """Decode one raw tensor (its size checked) into ``out``, one float64 row of the
+    (inputs x rows) matrix. ``check_values`` then checks the whole matrix at once."""
     out[:] = np.frombuffer(raw, dtype=LAYOUTS[datatype])
-    if LAYOUTS[datatype].kind != "f" or np.isfinite(out).all():
+
+
+def read_block(datatype: str, raw: memoryview, inputs: int) -> np.ndarray:
+    """Raw tensors of one datatype back to back (sizes checked), one per row of the result:
+    the usual binary body, every input in the model's order, in one numpy call."""
+    return np.frombuffer(raw, dtype=LAYOUTS[datatype]).reshape(inputs, -1).astype(np.float64)
+
+
+def check_values(names: Sequence[str], matrix: np.ndarray) -> None:
+    """Refuse an infinity in any row of ``matrix`` (one row per input, ``names`` in order) with
+    the input and the request row; make every NaN np.nan's bits."""
+    if math.isfinite(matrix.sum()):  # the common case: one numpy call (an overflowing sum is checked below)
         return
-    infinite = np.isinf(out)
+    infinite = np.isinf(matrix)
     if infinite.any():
-        row = int(np.flatnonzero(infinite)[0])
-        sign = "-" if out[row] < 0 else ""
+        column, row = (int(index[0]) for index in np.nonzero(infinite))
+        sign = "-" if matrix[column, row] < 0 else ""
         raise InvalidRequest(
-            f"input '{name}': row {row} is {sign}Infinity; expected a finite number (NaN for a missing value)"
+            f"input '{names[column]}': row {row} is {sign}Infinity; expected a finite number (NaN for a missing value)"
         )
-    out[np.isnan(out)] = np.nan  # a missing value, whatever bits the client's NaN had
+    matrix[np.isnan(matrix)] = np.nan  # a missing value, whatever bits the client's NaN had
 
 
 def raw(values: np.ndarray) -> bytes:

@@ -11,9 +11,9 @@ gRPC (``request_matrix``, on the ``InferenceRequest`` MLServer decodes) and REST
 (``serving.v2_rest``, on the raw body, JSON or binary tensors). In order:
 
 1. ``check_tensor``: a numeric datatype, a shape ``[rows]`` or ``[rows, 1]``, and no more rows
-   than the limit, decided from the declared shape before any value is looked at;
-2. ``column_values`` (JSON data): a list, flat or nested exactly as the shape, never deeper,
-   with as many values as the shape announces;
+   than the limit, decided from the declared shape before the input's data is looked at;
+2. ``column_values`` (JSON data; ``json_column`` is both steps): a list, flat or nested
+   exactly as the shape, never deeper, with as many values as the shape announces;
 3. ``matrix``: every value a number or missing. ``null`` and ``NaN`` are missing (NaN in the
    matrix, always the bits of ``np.nan``); booleans, strings, ``Infinity`` and numbers beyond
    the float64 range are refused with the input and the row.
@@ -41,6 +41,7 @@ __all__ = [
     "check_equal_lengths",
     "check_tensor",
     "column_values",
+    "json_column",
     "matrix",
     "request_matrix",
     "requested_outputs",
@@ -106,6 +107,15 @@ def column_values(name: str, shape: Sequence[int], data: Any) -> list:
     return values
 
 
+def json_column(
+    name: str, datatype: Datatype | str, shape: Sequence[int], data: Any, max_rows: int | None
+) -> list:
+    """``check_tensor`` then ``column_values``: one JSON input's values, flat. The row limit is
+    decided before the data is looked at, so nothing is built beyond it."""
+    check_tensor(name, datatype, shape, max_rows)
+    return column_values(name, shape, data)
+
+
 def as_number(value: Any, where: str) -> float:
     """A decoded JSON value as a float64: a number as it is, ``null`` and ``NaN`` as NaN,
     anything else refused with ``where`` naming its place in the request."""
@@ -145,7 +155,7 @@ def matrix(columns: Sequence[tuple[str, Sequence[int], list]]) -> np.ndarray:
         except OverflowError:
             result = None  # an integer beyond float64: found and named below
         if result is not None:
-            if np.isfinite(result).all():
+            if math.isfinite(result.sum()):  # one numpy call; a sum that overflows is checked below
                 return result
             if not np.isinf(result).any():  # only missing values: make every NaN np.nan's bits
                 result[np.isnan(result)] = np.nan
@@ -172,13 +182,10 @@ def request_matrix(
     if len(by_name) != len(payload.inputs) or by_name.keys() != set(columns):
         raise InvalidRequest(mismatch([item.name for item in payload.inputs], columns))
     tensors = [by_name[name] for name in columns]
-    for item in tensors:  # every limit before any value is read
-        check_tensor(item.name, item.datatype, item.shape, max_rows)
-    columns_ = [
-        (item.name, item.shape, column_values(item.name, item.shape, item.data.root)) for item in tensors
-    ]
-    check_equal_lengths({name: len(values) for name, _, values in columns_})
-    return matrix(columns_)
+    decoded = [(item.name, item.shape, json_column(item.name, item.datatype, item.shape, item.data.root, max_rows))
+               for item in tensors]  # fmt: skip
+    check_equal_lengths({name: len(values) for name, _, values in decoded})
+    return matrix(decoded)
 
 
 def check_equal_lengths(lengths: dict[str, int]) -> None:

@@ -25,7 +25,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -34,36 +34,32 @@ from mlserver.codecs import PandasCodec
 from serving import binary, json_body
 from serving.errors import InvalidRequest, show
 from serving.limits import REQUEST_ID_HEADER, check_request_id
-from serving.v2 import OUTPUT_DATATYPES, check_equal_lengths, check_tensor, column_values, matrix, mismatch
+from serving.v2 import OUTPUT_DATATYPES, check_equal_lengths, check_tensor, json_column, matrix, mismatch
 
 JSON = "application/json"
 
 
-@dataclass(frozen=True)
-class RequestedOutput:
+class RequestedOutput(NamedTuple):
     name: str
     binary: bool
 
 
-@dataclass(frozen=True)
-class DecodedRequest:
+class DecodedRequest(NamedTuple):
     id: str | None  # the body's id, else the X-Request-ID header; None: the server makes one
     matrix: np.ndarray  # (rows, len(columns)) float64, NaN for missing
     outputs: tuple[RequestedOutput, ...]
 
 
-@dataclass(frozen=True)
-class EncodedResponse:
+class EncodedResponse(NamedTuple):
     body: bytes
     headers: dict[str, str]  # Content-Type, and Inference-Header-Content-Length when binary
 
 
-@dataclass(frozen=True)
-class _Input:
+class _Input(NamedTuple):
     name: str
     datatype: str
     shape: list[int]
-    data: object  # the JSON data; absent when binary
+    data: object  # the JSON data; None when binary
     binary_size: int | None
 
 
@@ -79,11 +75,10 @@ def decode_request(
     """Decode ``body`` (inflated already) for a model whose inputs are ``columns`` (in matrix
     order) and whose outputs are ``outputs``. ``header_length`` and ``request_id_header`` are
     the values of the ``Inference-Header-Content-Length`` and ``X-Request-ID`` headers."""
-    view = memoryview(body)
     if header_length is None:
-        hint = f" (a body with binary tensors needs the {binary.HEADER_LENGTH} header)"
-        request, tensors = _object(json_body.loads(view, after_json=hint), "the body"), None
+        request, tensors = _object(json_body.loads(body, after_json=_NO_HEADER), "the body"), None
     else:
+        view = memoryview(body)
         length = binary.header_length(header_length, len(view))
         request = _object(json_body.loads(view[:length], "the JSON header"), "the JSON header")
         tensors = binary.Tensors(view, length)
@@ -92,74 +87,120 @@ def decode_request(
     parameters = _optional_object(request.get("parameters"), "parameters")
     binary_output = _flag(parameters.get("binary_data_output", False), "parameters.binary_data_output")
     return DecodedRequest(
-        id=body_id or header_id,
-        matrix=_matrix(_inputs(request), columns, max_rows, tensors),
-        outputs=_outputs(request.get("outputs"), outputs, binary_output),
+        body_id or header_id,
+        _matrix(_inputs(request), columns, max_rows, tensors),
+        _outputs(request.get("outputs"), outputs, binary_output),
     )
 
 
+_NO_HEADER = f" (a body with binary tensors needs the {binary.HEADER_LENGTH} header)"
+
+
 def _inputs(request: dict) -> list[_Input]:
-    if "inputs" not in request:
-        raise InvalidRequest("inputs: missing; expected a list with one input per feature")
+    items = request.get("inputs")
+    if type(items) is not list:
+        if "inputs" not in request:
+            raise InvalidRequest("inputs: missing; expected a list with one input per feature")
+        _list(items, "inputs")
     found = []
-    for index, item in enumerate(_list(request["inputs"], "inputs")):
-        where = f"inputs[{index}]"
-        item = _object(item, where)
-        name = _string(item.get("name"), f"{where}.name")
-        parameters = _optional_object(item.get("parameters"), f"{where}.parameters")
-        _refuse_shared_memory(parameters, f"{where}.parameters")
-        size = parameters.get("binary_data_size")
-        if size is not None:
-            size = _size(size, f"{where}.parameters.binary_data_size")
-        if (size is None) == ("data" not in item):
-            both = "both data and parameters.binary_data_size" if size is not None else "no data"
-            raise InvalidRequest(f"input '{name}' ({where}) has {both}; send one of the two")
-        found.append(
-            _Input(
-                name=name,
-                datatype=_string(item.get("datatype"), f"{where}.datatype"),
-                shape=_shape(item.get("shape"), f"{where}.shape"),
-                data=item.get("data"),
-                binary_size=size,
-            )
-        )
+    for index, item in enumerate(items):
+        # The common case in a few type checks; anything else is read field by field below,
+        # which finds and names the problem (or accepts what the quick check did not expect).
+        if type(item) is dict:
+            name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+            if (
+                type(name) is str
+                and type(datatype) is str
+                and type(shape) is list
+                and 0 < len(shape) < 3
+                and type(shape[0]) is int
+                and type(shape[-1]) is int
+                and shape[0] >= 0
+                and shape[-1] >= 0
+            ):
+                parameters = item.get("parameters")
+                if parameters is None and "data" in item:
+                    found.append(_Input(name, datatype, shape, item["data"], None))
+                    continue
+                if type(parameters) is dict and len(parameters) == 1 and "data" not in item:
+                    size = parameters.get("binary_data_size")
+                    if type(size) is int and size >= 0:
+                        found.append(_Input(name, datatype, shape, None, size))
+                        continue
+        found.append(_checked_input(item, f"inputs[{index}]"))
     return found
+
+
+def _checked_input(item: object, where: str) -> _Input:
+    item = _object(item, where)
+    name = _string(item.get("name"), f"{where}.name")
+    parameters = _optional_object(item.get("parameters"), f"{where}.parameters")
+    _refuse_shared_memory(parameters, f"{where}.parameters")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        size = _size(size, f"{where}.parameters.binary_data_size")
+    if (size is None) == ("data" not in item):
+        both = "both data and parameters.binary_data_size" if size is not None else "no data"
+        raise InvalidRequest(f"input '{name}' ({where}) has {both}; send one of the two")
+    datatype = _string(item.get("datatype"), f"{where}.datatype")
+    return _Input(name, datatype, _shape(item.get("shape"), f"{where}.shape"), item.get("data"), size)
 
 
 def _matrix(
     inputs: list[_Input], columns: Sequence[str], max_rows: int | None, tensors: binary.Tensors | None
 ) -> np.ndarray:
-    names = [item.name for item in inputs]
-    if len(set(names)) != len(names) or set(names) != set(columns):
-        raise InvalidRequest(mismatch(names, columns))
-    rows = {item.name: check_tensor(item.name, item.datatype, item.shape, max_rows) for item in inputs}
-    raw = {}
-    for item in inputs:  # in body order, the order of the raw tensors
-        if item.binary_size is None:
-            continue
-        if tensors is None:
+    by_name = {item.name: item for item in inputs}
+    if len(by_name) != len(inputs) or by_name.keys() != set(columns):
+        raise InvalidRequest(mismatch([item.name for item in inputs], columns))
+    if tensors is not None:
+        return _binary_matrix(inputs, by_name, columns, max_rows, tensors)
+    decoded = []
+    for name in columns:
+        item = by_name[name]
+        if item.binary_size is not None:
             raise InvalidRequest(
-                f"input '{item.name}' has parameters.binary_data_size, but the request has no "
+                f"input '{name}' has parameters.binary_data_size, but the request has no "
                 f"{binary.HEADER_LENGTH} header to say where its JSON ends"
             )
-        binary.check_size(item.name, item.datatype, rows[item.name], item.binary_size)
-        raw[item.name] = tensors.take(item.name, item.binary_size)
-    if tensors is not None:
-        tensors.finish()
-    by_name = {item.name: item for item in inputs}
-    json_columns = [(name, by_name[name].shape, column_values(name, by_name[name].shape, by_name[name].data))
-                    for name in columns if name not in raw]  # fmt: skip
-    check_equal_lengths({name: rows[name] for name in columns})  # the data matched its shape above
-    if not raw:
-        return matrix(json_columns)
-    out = np.empty((len(columns), rows[columns[0]]), dtype=np.float64)
-    index = {name: position for position, name in enumerate(columns)}
-    for name, view in raw.items():
-        binary.read_column(name, by_name[name].datatype, view, out[index[name]])
-    if json_columns:
-        decoded = matrix(json_columns)
-        for position, (name, _, _) in enumerate(json_columns):
-            out[index[name]] = decoded[:, position]
+        decoded.append((name, item.shape, json_column(name, item.datatype, item.shape, item.data, max_rows)))
+    if len({len(values) for _, _, values in decoded}) > 1:
+        check_equal_lengths({name: len(values) for name, _, values in decoded})
+    return matrix(decoded)
+
+
+def _binary_matrix(
+    inputs: list[_Input],
+    by_name: dict[str, _Input],
+    columns: Sequence[str],
+    max_rows: int | None,
+    tensors: binary.Tensors,
+) -> np.ndarray:
+    """The matrix of a body with raw tensors (and perhaps some inputs in JSON): every input's
+    shape and size checked, and every raw byte accounted for, before any value is read."""
+    raw = {}
+    for item in inputs:  # in body order, the order of the raw tensors
+        if item.binary_size is not None:
+            rows = check_tensor(item.name, item.datatype, item.shape, max_rows)
+            binary.check_size(item.name, item.datatype, rows, item.binary_size)
+            raw[item.name] = tensors.take(item.name, item.binary_size)
+    tensors.finish()
+    in_json = [(name, by_name[name].shape, json_column(name, by_name[name].datatype, by_name[name].shape,
+                                                        by_name[name].data, max_rows))
+               for name in columns if name not in raw]  # fmt: skip
+    check_equal_lengths({name: by_name[name].shape[0] for name in columns})  # data matched shapes above
+    datatypes = {by_name[name].datatype for name in columns}
+    if list(raw) == list(columns) and len(datatypes) == 1:  # tritonclient's usual body: one block
+        out = binary.read_block(datatypes.pop(), tensors.region, len(columns))
+    else:
+        out = np.empty((len(columns), inputs[0].shape[0]), dtype=np.float64)
+        position = {name: index for index, name in enumerate(columns)}
+        for name, view in raw.items():
+            binary.read_column(by_name[name].datatype, view, out[position[name]])
+        if in_json:
+            decoded = matrix(in_json)
+            for index, (name, _, _) in enumerate(in_json):
+                out[position[name]] = decoded[:, index]
+    binary.check_values(columns, out)
     return out.T
 
 
