@@ -8,6 +8,7 @@ processes with its status code intact.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import orjson
 from mlserver.errors import MLServerError
@@ -45,4 +46,16 @@ def show(value: object) -> str:
         text = orjson.dumps(value).decode()
     except (TypeError, orjson.JSONEncodeError):  # an infinity, an integer beyond 64 bits, a lone surrogate
         text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
+
+
+def listed(names: Sequence[str], most: int = 5) -> str:
+    """Names as a message lists them: the first ``most``, each cut short, and how many more
+    (a request may carry a million inputs, or one name of a million characters)."""
+    shown = [cut(name) for name in names[:most]]
+    return f"{shown}" + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def cut(text: str) -> str:
+    """A client's string as a message quotes it: whole when short, its start otherwise."""
     return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"

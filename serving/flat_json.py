@@ -17,7 +17,7 @@ import numpy as np
 
 from model.schema import FEATURES
 from serving import json_body
-from serving.errors import InvalidRequest, RequestTooLarge, show
+from serving.errors import InvalidRequest, RequestTooLarge, cut, show
 from serving.v2 import as_number
 
 # Either spelling names the feature; FEATURES stays the one list of names.
@@ -35,7 +35,7 @@ def _row(item: Any, row: int, batch: bool) -> list[float]:
     for key, value in item.items():
         name = SPELLINGS.get(key)
         if name is None:
-            raise InvalidRequest(f"{where}unknown field '{key}'; expected the ten features {list(FEATURES)}")
+            raise InvalidRequest(f"{where}unknown field '{cut(key)}'; expected the ten features {list(FEATURES)}")
         if name in values:
             raise InvalidRequest(f"{where}field '{name}' given twice (as '{name}' and another spelling)")
         values[name] = as_number(value, f"{where}field '{key}'")

@@ -22,6 +22,7 @@ gRPC (``request_matrix``, on the ``InferenceRequest`` MLServer decodes) and REST
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 from mlserver.codecs import PandasCodec
 from mlserver.types import Datatype, InferenceRequest, InferenceResponse, Parameters, ResponseOutput
 
-from serving.errors import InvalidRequest, RequestTooLarge, show
+from serving.errors import InvalidRequest, RequestTooLarge, listed, show
 from serving.json_body import NonFinite
 
 __all__ = [
@@ -195,13 +196,15 @@ def check_equal_lengths(lengths: dict[str, int]) -> None:
 
 
 def mismatch(names: list[str], columns: Sequence[str]) -> str:
-    """Why the input names sent are not exactly ``columns``."""
+    """Why the input names sent are not exactly ``columns`` (in linear time: a body may name a
+    million inputs)."""
+    counts = Counter(names)
     problems = []
-    if duplicated := sorted({name for name in names if names.count(name) > 1}):
-        problems.append(f"input(s) {duplicated} given more than once")
-    if unknown := [name for name in names if name not in columns]:
-        problems.append(f"unknown input(s) {unknown}")
-    if missing := [name for name in columns if name not in names]:
+    if duplicated := sorted(name for name, count in counts.items() if count > 1):
+        problems.append(f"input(s) {listed(duplicated)} given more than once")
+    if unknown := [name for name in counts if name not in columns]:
+        problems.append(f"unknown input(s) {listed(unknown)}")
+    if missing := [name for name in columns if name not in counts]:
         problems.append(f"missing input(s) {missing}")
     return "; ".join(problems) + f"; expected exactly {list(columns)}"
 
@@ -212,7 +215,7 @@ def requested_outputs(payload: InferenceRequest, available: Sequence[str]) -> li
         return list(available)
     names = [output.name for output in payload.outputs]
     if unknown := [name for name in names if name not in available]:
-        raise InvalidRequest(f"unknown output(s) {unknown}; available: {list(available)}")
+        raise InvalidRequest(f"unknown output(s) {listed(unknown)}; available: {list(available)}")
     return names
 
 

@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -32,7 +33,7 @@ import orjson
 from mlserver.codecs import PandasCodec
 
 from serving import binary, json_body
-from serving.errors import InvalidRequest, show
+from serving.errors import InvalidRequest, cut, listed, show
 from serving.limits import REQUEST_ID_HEADER, check_request_id
 from serving.v2 import OUTPUT_DATATYPES, check_equal_lengths, check_tensor, json_column, matrix, mismatch
 
@@ -141,7 +142,7 @@ def _checked_input(item: object, where: str) -> _Input:
         size = _size(size, f"{where}.parameters.binary_data_size")
     if (size is None) == ("data" not in item):
         both = "both data and parameters.binary_data_size" if size is not None else "no data"
-        raise InvalidRequest(f"input '{name}' ({where}) has {both}; send one of the two")
+        raise InvalidRequest(f"input '{cut(name)}' ({where}) has {both}; send one of the two")
     datatype = _string(item.get("datatype"), f"{where}.datatype")
     return _Input(name, datatype, _shape(item.get("shape"), f"{where}.shape"), item.get("data"), size)
 
@@ -226,9 +227,10 @@ def _outputs(requested: object, available: Sequence[str], binary_output: bool) -
         )
     names = [output.name for output in wanted]
     if unknown := [name for name in names if name not in available]:
-        raise InvalidRequest(f"unknown output(s) {unknown}; available: {list(available)}")
-    if repeated := sorted({name for name in names if names.count(name) > 1}):
-        raise InvalidRequest(f"output(s) {repeated} requested more than once")
+        raise InvalidRequest(f"unknown output(s) {listed(unknown)}; available: {list(available)}")
+    if len(set(names)) < len(names):
+        repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+        raise InvalidRequest(f"output(s) {listed(repeated)} requested more than once")
     return tuple(wanted) if wanted else tuple(RequestedOutput(name, binary_output) for name in available)
 
 

@@ -137,6 +137,18 @@ def test_inputs_can_mix_binary_and_json_data(rows):
     assert same_bits(decode(body, str(length)).matrix, rows.to_numpy())
 
 
+def test_binary_inputs_in_any_order_and_of_mixed_datatypes(rows):
+    frame = rows[list(reversed(FEATURES))].fillna(0)
+    datatypes = {name: ("INT32" if index % 3 == 0 else "FP32" if index % 3 == 1 else "FP64")
+                 for index, name in enumerate(FEATURES)}  # fmt: skip
+    frame = frame.apply(lambda column: column.round() if datatypes[column.name] == "INT32" else column)
+    matrix = decode(*triton_body(frame, binary=True, datatypes=datatypes)).matrix
+    expected = np.column_stack(
+        [frame[name].to_numpy().astype(NUMPY_TYPES[datatypes[name]]).astype(np.float64) for name in FEATURES]
+    )
+    assert same_bits(matrix, expected)
+
+
 def test_inputs_may_come_in_any_order_and_shape_rows_by_one(rows):
     body = orjson.loads(null_body(rows))
     body["inputs"].reverse()
@@ -497,3 +509,17 @@ def test_request_ids_too_long_or_not_printable_are_400(rows, value, message):
     )
     assert refused(encoded).startswith(f"id: {message}")
     assert refused(orjson.dumps(with_id | {"id": 7})) == "id: expected a string, got 7"
+
+
+def test_many_unknown_inputs_or_one_huge_name_make_a_short_message_quickly():
+    many = one_row()
+    many["inputs"] += [
+        {"name": f"x{i}", "shape": [1], "datatype": "FP64", "data": [1]} for i in range(50_000)
+    ]
+    message = refused(orjson.dumps(many))  # quadratic name checks would take hours here
+    assert message.startswith("unknown input(s) ['x0', 'x1', 'x2', 'x3', 'x4'] and 49995 more;")
+    huge = one_row()
+    huge["inputs"][0] |= {"name": "n" * 1_000_000, "data": [1], "parameters": {"binary_data_size": 8}}
+    assert len(refused(orjson.dumps(huge))) < 200
+    outputs = orjson.dumps({**one_row(), "outputs": [{"name": "probability"}] * 50_000})
+    assert refused(outputs) == "output(s) ['probability'] requested more than once"
