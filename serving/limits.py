@@ -30,9 +30,12 @@ REQUEST_ID_HEADER = "X-Request-ID"
 # C0 and C1 controls and DEL, and lone surrogates (which no UTF-8 encoder writes).
 _NOT_PRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
-# Sized in benchmarks/request_codec.py (see its output and the README's "Measured").
+# Sized with benchmarks/request_codec.py. 100,000 rows are 5.5 MiB of V2 JSON (58 B/row,
+# decoded with a 96 MiB peak) and 7.6 MiB of binary tensors (12 MiB). JSON costs up to 33 times
+# its size while parsed (a body of empty lists): an 8 MiB body at most 267 MiB, which leaves a
+# 1 GiB pod room for the server (~350 MB) and scoring; 32 MiB would cost 1,067 MiB.
 DEFAULT_MAX_ROWS = 100_000
-DEFAULT_MAX_BODY_BYTES = 32 << 20
+DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
 class RequestLimits(BaseSettings):
