@@ -17,8 +17,9 @@ Invariants:
   (MLServer's route class would, without a bound, whenever ``Content-Encoding: gzip`` is
   there).
 - An uncompressed body with a ``Content-Length`` within the limit streams through untouched
-  (the HTTP server already holds the client to that length); one without (chunked) is
-  counted as it arrives and refused as soon as it passes the limit.
+  (the HTTP server already holds the client to that length), and so does a request with no
+  body; a chunked one (``Transfer-Encoding: chunked``) is counted as it arrives and refused
+  as soon as it passes the limit.
 - Refusals have the body MLServer gives its errors (``{"error": "..."}``, one line naming
   the limit) and close the connection, since the client may still be sending.
 """
@@ -65,11 +66,12 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         try:
-            encoding, length = _body_headers(scope["headers"])
+            encoding, length, chunked = _body_headers(scope["headers"])
             if length is not None and length > self.max_bytes:
                 raise Refused(413, f"the body is {length} bytes, over {self._limit}")
-            if encoding is None and length is not None:
-                await self.app(scope, receive, send)  # within the limit, and held to its length
+            if encoding is None and not chunked:
+                # No body (a GET), or one within the limit that the server holds to its length.
+                await self.app(scope, receive, send)
                 return
             body = await self._read(receive, _Inflater(encoding) if encoding else _Plain())
         except Refused as refusal:
@@ -139,24 +141,27 @@ class _Inflater:
             raise Refused(400, f"the {self._encoding} body ends before the end of its compressed stream")
 
 
-def _body_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, int | None]:
-    """The body's one content coding (``None``: identity) and its declared length, if any."""
-    codings, length = [], None
+def _body_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, int | None, bool]:
+    """The body's one content coding (``None``: identity), its declared length if any, and
+    whether it comes in chunks of no declared length."""
+    codings, length, chunked = [], None, False
     for name, value in headers:
         if name == b"content-encoding":
             codings += [token.strip().lower() for token in value.decode("latin-1").split(",")]
         elif name == b"content-length" and value.isdigit():
             length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = chunked or b"chunked" in value.lower()
     codings = [coding for coding in codings if coding not in ("", "identity")]
     if not codings:
-        return None, length
+        return None, length, chunked and length is None
     if len(codings) > 1 or codings[0] not in _WBITS:
         raise Refused(
             415,
             f"Content-Encoding {', '.join(codings)!r} is not accepted; send the body uncompressed, "
             "or with one of gzip or deflate",
         )
-    return codings[0], length
+    return codings[0], length, chunked and length is None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -207,11 +207,18 @@ def test_gzip_members_back_to_back_inflate_as_one_body():
 
 
 def test_a_chunked_body_is_counted_as_it_arrives():
-    exchange = Exchange(b"x" * (LIMIT + 1), {}).run()
+    exchange = Exchange(b"x" * (LIMIT + 1), {"Transfer-Encoding": "chunked"}).run()
     assert exchange.status == 413 and exchange.app_scope is None
     assert exchange.read == len(exchange.chunks)  # the chunk that passed the limit was the last one
-    exchange = Exchange(b"x" * LIMIT, {}).run()
+    exchange = Exchange(b"x" * LIMIT, {"Transfer-Encoding": "chunked"}).run()
     assert exchange.status == 200 and exchange.app_body == b"x" * LIMIT
+    assert exchange.app_header(b"content-length") == [str(LIMIT).encode()]
+
+
+def test_a_request_without_a_body_passes_untouched():
+    exchange = Exchange(b"", {"Accept": "application/json"}).run()
+    assert exchange.status == 200 and exchange.app_body == b""
+    assert exchange.app_scope["headers"] == [(b"accept", b"application/json")]
 
 
 def test_a_plain_body_with_its_length_streams_through_untouched():
