@@ -55,11 +55,14 @@ class Refused(Exception):
 class BodyLimit:
     """ASGI middleware: see the module docstring."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, on_refused: Callable[[int], None] | None = None):
+        """``on_refused(status)`` is called for each body refused (to count them: the app
+        behind never sees these requests)."""
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         self.app = app
         self.max_bytes = max_bytes
+        self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,6 +78,8 @@ class BodyLimit:
                 return
             body = await self._read(receive, _Inflater(encoding) if encoding else _Plain())
         except Refused as refusal:
+            if self.on_refused is not None:
+                self.on_refused(refusal.status)
             await _refuse(send, refusal.status, str(refusal))
             return
         if body is None:

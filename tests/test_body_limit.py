@@ -76,7 +76,10 @@ class Exchange:
         self.limit = limit
 
     def run(self) -> Exchange:
-        asyncio.run(BodyLimit(self._app, self.limit)(self.scope, self._receive, self._send))
+        self.refused = []
+        middleware = BodyLimit(self._app, self.limit, on_refused=self.refused.append)
+        asyncio.run(middleware(self.scope, self._receive, self._send))
+        assert self.refused == [m["status"] for m in self.sent[:1] if m["status"] != 200]
         return self
 
     async def _receive(self):
