@@ -35,7 +35,9 @@ def _row(item: Any, row: int, batch: bool) -> list[float]:
     for key, value in item.items():
         name = SPELLINGS.get(key)
         if name is None:
-            raise InvalidRequest(f"{where}unknown field '{cut(key)}'; expected the ten features {list(FEATURES)}")
+            raise InvalidRequest(
+                f"{where}unknown field '{cut(key)}'; expected the ten features {list(FEATURES)}"
+            )
         if name in values:
             raise InvalidRequest(f"{where}field '{name}' given twice (as '{name}' and another spelling)")
         values[name] = as_number(value, f"{where}field '{key}'")
