@@ -4,18 +4,21 @@ A request is one flat JSON object with the ten features, or a JSON list of such 
 batch). Feature names are the Kaggle ones (``NumberOfTime30-59DaysPastDueNotWorse``) or the
 same with underscores for hyphens (``NumberOfTime30_59DaysPastDueNotWorse``), which is how
 a Python client spells them. It decodes into the same float64 matrix as a V2 request, so
-validation, scoring, metrics and capture are shared.
+validation, scoring, metrics and capture are shared, and its values follow the same rules
+(``serving.v2.as_number``): ``null`` and ``NaN`` are missing, ``Infinity`` is refused. The row
+limit is decided from the list's length before any value is converted.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
 from model.schema import FEATURES
-from serving.v2 import InvalidRequest, as_number
+from serving import json_body
+from serving.errors import InvalidRequest, RequestTooLarge, cut, show
+from serving.v2 import as_number
 
 # Either spelling names the feature; FEATURES stays the one list of names.
 SPELLINGS: dict[str, str] = {
@@ -27,12 +30,14 @@ SPELLINGS: dict[str, str] = {
 def _row(item: Any, row: int, batch: bool) -> list[float]:
     where = f"row {row}: " if batch else ""
     if not isinstance(item, dict):
-        raise InvalidRequest(f"{where}expected a JSON object of the ten features, got {type(item).__name__}")
+        raise InvalidRequest(f"{where}expected a JSON object of the ten features, got {show(item)}")
     values: dict[str, float] = {}
     for key, value in item.items():
         name = SPELLINGS.get(key)
         if name is None:
-            raise InvalidRequest(f"{where}unknown field '{key}'; expected the ten features {list(FEATURES)}")
+            raise InvalidRequest(
+                f"{where}unknown field '{cut(key)}'; expected the ten features {list(FEATURES)}"
+            )
         if name in values:
             raise InvalidRequest(f"{where}field '{name}' given twice (as '{name}' and another spelling)")
         values[name] = as_number(value, f"{where}field '{key}'")
@@ -41,16 +46,18 @@ def _row(item: Any, row: int, batch: bool) -> list[float]:
     return [values[name] for name in FEATURES]
 
 
-def request_matrix(body: bytes) -> tuple[np.ndarray, bool]:
-    """The rows of a ``/predict`` body in ``FEATURES`` order, and whether it was a batch."""
-    try:
-        decoded = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidRequest(f"the body is not JSON: {error}") from None
+def request_matrix(body: bytes, max_rows: int | None = None) -> tuple[np.ndarray, bool]:
+    """The rows of a ``/predict`` body in ``FEATURES`` order, and whether it was a batch; at most
+    ``max_rows`` rows (``None``: no limit)."""
+    decoded = json_body.loads(body)
     batch = isinstance(decoded, list)
     items = decoded if batch else [decoded]
     if not items:
         raise InvalidRequest("an empty list has nothing to score")
+    if max_rows is not None and len(items) > max_rows:
+        raise RequestTooLarge(
+            f"{len(items)} rows; this server takes at most {max_rows} rows per request (send smaller batches)"
+        )
     return np.array([_row(item, row, batch) for row, item in enumerate(items)], dtype=np.float64), batch
 
 

@@ -1,10 +1,16 @@
 import math
+import subprocess
+import sys
 
+import numpy as np
+import orjson
 import pytest
 from mlserver.types import InferenceRequest
 
 from model.schema import FEATURES
-from serving.v2 import InvalidRequest, request_matrix, requested_outputs, response
+from serving.json_body import INFINITY, NEG_INFINITY
+from serving.v2 import InvalidRequest, RequestTooLarge, request_matrix, requested_outputs, response
+from tests.helpers import REPO
 
 
 def payload(overrides=None, drop=(), extra=None):
@@ -58,6 +64,21 @@ def test_ints_floats_and_nulls_become_float64_nan_in_feature_order():
         (payload({"age": {"shape": [3], "data": [1, 2, 3]}}), "inputs have unequal lengths"),
         (payload({"age": {"shape": [0], "data": []}}), "shape [0] is not [rows]"),
         (payload({"age": {"datatype": "INT64", "data": [10**400, 1]}}), "row 0 is an integer too large"),
+        (payload({"age": {"data": [1.0, math.inf]}}), "input 'age': row 1 is infinite or too large"),
+        (
+            payload({"age": {"data": [1.0, INFINITY]}}),
+            "input 'age': row 1 is Infinity; expected a finite number",
+        ),
+        (payload({"age": {"data": [NEG_INFINITY, 1]}}), "input 'age': row 0 is -Infinity"),
+        (
+            payload({"age": {"data": [[1.0], [2.0]]}}),
+            "input 'age': row 0 is a list: data nested deeper than shape [2]",
+        ),
+        (
+            payload({"age": {"data": [1.0, {"a": 1}]}}),
+            "input 'age': row 1 is an object, expected a number or null",
+        ),
+        (payload({"age": {"data": 1.0, "shape": [1]}}), "input 'age': data must be a list, got 1.0"),
     ],
 )
 def test_bad_requests_name_the_input_and_the_problem(request_, message):
@@ -99,3 +120,70 @@ def test_response_is_what_the_pandas_codec_gives_for_the_same_outputs():
     assert built.outputs == expected.outputs
     assert built.parameters.content_type == expected.parameters.content_type == "pd"
     assert built.parameters.model_extra == {"registry_version": "3"}
+
+
+def test_nan_and_null_give_the_same_matrix_bit_for_bit():
+    odd_nan = float(np.array([0xFFF8000000000001], dtype=np.uint64).view(np.float64)[0])  # sign, payload
+    nan = request_matrix(
+        payload({"age": {"data": [math.nan, 1.0]}, "DebtRatio": {"data": [2.0, odd_nan]}}), FEATURES
+    )
+    null = request_matrix(
+        payload({"age": {"data": [None, 1.0]}, "DebtRatio": {"data": [2.0, None]}}), FEATURES
+    )
+    assert np.array_equal(nan.view(np.uint64), null.view(np.uint64))
+    assert np.isnan(null[0, FEATURES.index("age")]) and np.isnan(null[1, FEATURES.index("DebtRatio")])
+
+
+def test_rows_over_the_limit_are_413_before_any_value_is_read():
+    many = payload({name: {"shape": [5], "data": [1, 2, 3, 4, 5]} for name in FEATURES})
+    assert request_matrix(many, FEATURES, max_rows=5).shape == (5, len(FEATURES))
+    with pytest.raises(
+        RequestTooLarge, match="5 rows; this server takes at most 4 rows per request"
+    ) as error:
+        request_matrix(many, FEATURES, max_rows=4)
+    assert error.value.status_code == 413
+    declared = payload({"MonthlyIncome": {"shape": [10**9], "data": ["not", "read"]}})
+    with pytest.raises(RequestTooLarge, match="input 'MonthlyIncome': 1000000000 rows"):
+        request_matrix(declared, FEATURES, max_rows=1000)
+
+
+_TRITON_GRPC_REQUEST = """
+import sys, numpy as np, tritonclient.grpc as grpcclient
+from tritonclient.grpc._utils import _get_inference_request
+columns = np.array(eval(sys.stdin.read()), dtype=np.float64).T
+inputs = []
+for name, column in zip(sys.argv[1:], columns):
+    tensor = grpcclient.InferInput(name, [len(column)], "FP64")
+    tensor.set_data_from_numpy(column)
+    inputs.append(tensor)
+request = _get_inference_request("credit-risk", inputs, "", "", None, 0, False, False, 0, None, None)
+sys.stdout.buffer.write(request.SerializeToString())
+"""
+
+
+def test_tritonclient_grpc_nan_rows_decode_like_rest_null():
+    """tritonclient's gRPC message (built in its own process: its protobuf module and MLServer's
+    cannot share one), read by MLServer's own converter, gives the matrix of the REST request
+    with null for the same rows."""
+    from mlserver.grpc import dataplane_pb2
+    from mlserver.grpc.converters import ModelInferRequestConverter
+
+    rows = [[0.5, 40, 0, 0.3, math.nan, 5, 0, 1, 0, math.nan], [0.1, 30, 1, 0.2, 5000.0, 3, 0, 0, 0, 2]]
+    built = subprocess.run(
+        [sys.executable, "-c", _TRITON_GRPC_REQUEST, *FEATURES],
+        input=repr(rows).replace("nan", "float('nan')").encode(),
+        capture_output=True,
+        check=True,
+        cwd=REPO,
+    ).stdout
+    grpc_request = ModelInferRequestConverter.to_types(dataplane_pb2.ModelInferRequest.FromString(built))
+    null = [[None if math.isnan(value) else value for value in row] for row in rows]
+    rest = InferenceRequest.model_validate(
+        orjson.loads(orjson.dumps({"inputs": [
+            {"name": name, "shape": [2], "datatype": "FP64", "data": [row[j] for row in null]}
+            for j, name in enumerate(FEATURES)
+        ]}))
+    )  # fmt: skip
+    grpc_matrix, rest_matrix = request_matrix(grpc_request, FEATURES), request_matrix(rest, FEATURES)
+    assert np.array_equal(grpc_matrix.view(np.uint64), rest_matrix.view(np.uint64))
+    assert np.array_equal(rest_matrix, np.array(rows), equal_nan=True)
