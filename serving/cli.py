@@ -2,15 +2,19 @@
 
 Before MLServer starts, the serving settings are read once (``ServingSettings``): a bad value
 raises its ``pydantic.ValidationError``, which the ``credit-risk`` command reports as a bad
-setting (exit 2).
+setting (exit 2). An installed MLServer other than the pinned one stops it with one line
+(exit 1: the installation is wrong, not the arguments).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from model.identity import PRODUCTION_MODEL_URI
 from serving.settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+
+_HOOKS_MODULE = "serving.mlserver_hooks"  # refuses to import with an MLServer it is not pinned to
 
 
 def add_parser(subparsers) -> None:
@@ -51,6 +55,11 @@ def run(args) -> int:
     os.environ.update(serving_environment())
     ServingSettings()  # a bad CREDIT_RISK_* value stops here, before any port is taken
     # Imported once the environment is final: MLServer and MLflow read it at import time.
-    from serving.server import main
-
+    try:
+        from serving.server import main
+    except ImportError as error:
+        if error.name != _HOOKS_MODULE:
+            raise
+        print(f"error: {error.msg}", file=sys.stderr)
+        return 1
     return main()
