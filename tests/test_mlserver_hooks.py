@@ -1,13 +1,16 @@
 """The MLServer version ``serving.mlserver_hooks`` is pinned to (and ``credit-risk serve`` with
-another one installed)."""
+another one installed), and what ``ready`` means to MLServer's readers."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+from mlserver.settings import ModelSettings
 
 from serving import mlserver_hooks
+from serving.runtime import CreditRiskRuntime
+from serving.settings import MODEL_SETTINGS_PATH
 from tests.test_serving_settings import serve
 
 
@@ -40,3 +43,14 @@ def test_serve_with_another_mlserver_installed_exits_1_with_one_line(tmp_path):
         "error: MLServer 9.9.9 is installed, but serving.mlserver_hooks is written for MLServer 1.7.1 "
         "only (it overrides MLServer's private code): install mlserver==1.7.1"
     ]
+
+
+def test_ready_is_mlservers_load_and_a_served_version():
+    runtime = CreditRiskRuntime(ModelSettings.model_validate_json(MODEL_SETTINGS_PATH.read_text()))
+    assert runtime.ready is False  # MLModel.__init__ wrote False
+    runtime.ready = True  # what MLServer writes after load() returned True
+    assert runtime.ready is False, "no version in the slot yet"
+    runtime._served = object()  # what the follower's swap does
+    assert runtime.ready is True
+    runtime.ready = False  # what MLServer writes after unload() returned True
+    assert runtime.ready is False
