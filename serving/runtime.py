@@ -18,6 +18,7 @@
 - The earlier FastAPI design's routes live on as MLServer custom handlers on the same port:
   ``POST /predict`` (``serving.flat_json``), ``GET /model/info`` and ``GET /health``, served
   from the same slot and validated, counted and captured exactly like V2 inferences.
+  Timestamps they write come from ``model.identity.utc_timestamp``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from functools import partial
 
 from fastapi import Request
 from mlflow.tracking import MlflowClient
@@ -53,7 +54,7 @@ from mlserver_mlflow.metadata import (
 from threadpoolctl import threadpool_limits
 
 from model import scoring
-from model.identity import DATASET_HASH
+from model.identity import DATASET_HASH, utc_timestamp
 from model.schema import OUTPUT_PREDICTION, OUTPUT_PROBABILITY, InvalidFeatures
 from serving import flat_json, metrics, v2
 from serving.capture import SpoolWriter, encode
@@ -130,7 +131,7 @@ class CreditRiskRuntime(MLflowRuntime):
             retry_max_s=settings.load_retry_max_s,
             load=self._load_version,
             swap=self._swap,
-            on_load_failure=metrics.model_load_failed,
+            on_load_failure=partial(metrics.model_load_failed, self.name),
         )
         self._following = asyncio.create_task(self._follower.run())
         return True
@@ -215,7 +216,7 @@ class CreditRiskRuntime(MLflowRuntime):
         with _counting_rejections(served):
             values, batch = flat_json.request_matrix(await request.body())
             scored = _score(served, values)
-        timestamp = datetime.fromtimestamp(started_ns / 1e9, tz=UTC).isoformat()
+        timestamp = utc_timestamp(started_ns / 1e9)
         answer = flat_json.answer(
             scored[OUTPUT_PREDICTION],
             scored[OUTPUT_PROBABILITY],
@@ -320,7 +321,7 @@ def _registry_record(registered_name: str, version: str, model_uri: str, dataset
         "model_stage": found.current_stage,
         "model_uri": model_uri,
         "run_id": found.run_id,
-        "dataset_hash": dataset_hash,
+        DATASET_HASH: dataset_hash,
         "metrics": metrics_,
-        "promoted_at": datetime.fromtimestamp(promoted / 1000, tz=UTC).isoformat() if promoted else None,
+        "promoted_at": utc_timestamp(promoted / 1000) if promoted else None,
     }

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import httpx
 import mlflow
@@ -17,6 +18,9 @@ from training.data import load_training_data, sha256_of_file
 from training.registry import PRODUCTION_MODEL_URI, production_version
 
 pytestmark = pytest.mark.integration
+
+# model.identity.utc_timestamp's format, written out independently: ISO 8601, UTC, ms, Z.
+UTC_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 def v2_body(frame: pd.DataFrame, integer_counts=True, **extra) -> dict:
@@ -245,7 +249,7 @@ def test_seed_predict_answers_like_v2_with_either_spelling(mlserver, rows):
         answer = single.json()
         assert set(answer) == {"prediction", "probability", "model_version", "request_id", "timestamp"}
         assert (answer["probability"], answer["prediction"]) == (probabilities[0], predictions[0])
-        assert answer["request_id"] == "seed-1" and answer["timestamp"].endswith("+00:00")
+        assert answer["request_id"] == "seed-1" and UTC_TIMESTAMP.fullmatch(answer["timestamp"])
         batch = predict_flat(mlserver, flat(rows.head(5), underscores))
         assert batch.status_code == 200, batch.text
         assert [a["probability"] for a in batch.json()] == probabilities
@@ -288,7 +292,7 @@ def test_seed_model_info_and_health_describe_the_served_version(mlserver, tracki
     assert info["model_stage"] == "Production" and info["run_id"] == version.run_id
     assert info["model_uri"] == f"models:/credit-risk-model/{version.version}"
     assert info["dataset_hash"] == sha256_of_file(sample_path)
-    assert 0.5 < info["metrics"]["test_roc_auc"] <= 1 and info["promoted_at"]
+    assert 0.5 < info["metrics"]["test_roc_auc"] <= 1 and UTC_TIMESTAMP.fullmatch(info["promoted_at"])
     health = httpx.get(f"{mlserver['url']}/health", timeout=10)
     assert health.status_code == 200
     assert health.json()["model_loaded"] is True and health.json()["model_version"] == version.version
