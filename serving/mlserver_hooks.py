@@ -24,10 +24,16 @@ Hooks, why each is needed, and the test that exercises it:
 - **``ClosedRepositoryHandlers``** (``ModelRepositoryHandlers`` without its repository or
   registry): the repository API (index, load, unload) would let anyone on the inference port
   change what is served; REST answers 403. Test: the same.
-- **``ClosedInferenceServicer``** (MLServer's ``InferenceServicer`` with its three repository
-  RPCs overridden): ``PERMISSION_DENIED``. Test: the same.
+- **``ServingInferenceServicer``** (MLServer's ``InferenceServicer`` with four RPCs
+  overridden): the three repository RPCs answer ``PERMISSION_DENIED`` (test: the same);
+  ``ModelInfer`` first checks ``raw_input_contents`` against each input's datatype and shape
+  as MLServer's private ``mlserver.raw`` unpacks them (its ``_DatatypeToCtype`` table), since
+  MLServer answers a malformed raw tensor ``INTERNAL`` with ``struct``'s message ("unpack
+  requires a buffer of 24 bytes"); here it is ``INVALID_ARGUMENT`` naming the input. Tests:
+  ``tests/test_mlserver_hooks.py`` (each problem, against MLServer's own converter),
+  ``test_serving.py::test_grpc_malformed_raw_tensor_is_invalid_argument_naming_the_input``.
 - **``ClosedGRPCServer._create_server``** (private; a copy of ``GRPCServer._create_server``
-  that also calls the private ``_get_options``): registers the closed servicer and not the
+  that also calls the private ``_get_options``): registers the servicer above and not the
   deprecated ``ModelRepositoryService`` (its calls are ``UNIMPLEMENTED``), adds no tracing
   interceptor (the launcher refuses ``MLSERVER_TRACING_SERVER``), and turns grpc's
   "Failed to bind" into an ``OSError`` naming the address. Tests:
@@ -85,6 +91,8 @@ def check_mlserver_version(installed: str | None = None) -> None:
 check_mlserver_version()
 
 import asyncio
+import math
+import struct
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -95,14 +103,17 @@ from mlserver import MLServer
 from mlserver.batching import load_batching
 from mlserver.errors import MLServerError, ModelNotFound
 from mlserver.grpc import GRPCServer
+from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc.dataplane_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
 from mlserver.grpc.interceptors import LoggingInterceptor, PromServerInterceptor
 from mlserver.grpc.servicers import InferenceServicer
 from mlserver.handlers import ModelRepositoryHandlers
 from mlserver.model import MLModel
+from mlserver.raw import _DatatypeToCtype
 from mlserver.registry import MultiModelRegistry
 from mlserver.rest.app import APIRoute
 from mlserver.settings import ModelSettings, Settings
+from mlserver.types import Datatype
 
 CONTROL_CLOSED = (
     "model control is closed on this server: it serves whatever version the registry's "
@@ -140,8 +151,65 @@ class ClosedRepositoryHandlers(ModelRepositoryHandlers):
         raise MLServerError(CONTROL_CLOSED, status.HTTP_403_FORBIDDEN)
 
 
-class ClosedInferenceServicer(InferenceServicer):
-    """MLServer's gRPC inference service with its three repository methods refused."""
+# How MLServer unpacks each datatype's raw bytes (``struct``, native layout), BYTES aside.
+_RAW_CTYPES = {datatype.value: ctype for datatype, ctype in _DatatypeToCtype.items()}
+
+
+def raw_tensor_problem(request: pb.ModelInferRequest) -> str | None:
+    """Why MLServer could not unpack ``request``'s ``raw_input_contents``, naming the input, or
+    None when it can. MLServer's ``inject_raw`` gives each input without ``contents`` the next
+    raw entry and unpacks it with ``struct`` in the native layout; a malformed one raises
+    ``struct.error``, ``IndexError`` or ``ValueError``, which gRPC would answer ``INTERNAL``
+    with a message naming nothing."""
+    raw = request.raw_input_contents
+    if not raw:
+        return None
+    consuming = [tensor for tensor in request.inputs if not tensor.contents.ListFields()]
+    if len(consuming) > len(raw):
+        return (
+            f"raw_input_contents has {len(raw)} entries for {len(consuming)} input(s) without "
+            "contents; send one entry per input, in the order of the inputs"
+        )
+    for tensor, content in zip(consuming, raw, strict=False):  # MLServer ignores extra entries
+        if problem := _raw_problem(tensor.datatype, list(tensor.shape), content):
+            return f"input '{tensor.name}': {problem}"
+    return None
+
+
+def _raw_problem(datatype: str, shape: list[int], content: bytes) -> str | None:
+    if datatype not in _RAW_CTYPES and datatype != Datatype.BYTES.value:
+        return f"datatype {datatype!r} is not an Open Inference datatype"
+    if any(size < 0 for size in shape):
+        return f"shape {shape} has a negative dimension"
+    if datatype == Datatype.BYTES.value:
+        return _bytes_framing_problem(content)
+    expected = math.prod(shape) * struct.calcsize(_RAW_CTYPES[datatype])
+    if len(content) != expected:
+        return f"shape {shape} of {datatype} needs {expected} raw bytes, got {len(content)}"
+    return None
+
+
+def _bytes_framing_problem(content: bytes) -> str | None:
+    """BYTES elements are each a 4-byte little-endian length and that many bytes."""
+    offset = 0
+    while offset < len(content):
+        if offset + 4 > len(content):
+            return "raw BYTES end inside an element's 4-byte length"
+        (size,) = struct.unpack_from("<I", content, offset)
+        offset += 4 + size
+        if offset > len(content):
+            return "raw BYTES end inside an element"
+    return None
+
+
+class ServingInferenceServicer(InferenceServicer):
+    """MLServer's gRPC inference service with its three repository methods refused, and raw
+    tensors it could not unpack refused as ``INVALID_ARGUMENT`` naming the input."""
+
+    async def ModelInfer(self, request, context):
+        if problem := raw_tensor_problem(request):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return await super().ModelInfer(request, context)
 
     async def RepositoryIndex(self, request, context):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, CONTROL_CLOSED)
@@ -155,10 +223,10 @@ class ClosedInferenceServicer(InferenceServicer):
 
 class ClosedGRPCServer(GRPCServer):
     """MLServer's gRPC server without the deprecated ``ModelRepositoryService`` (so its calls
-    are UNIMPLEMENTED) and with the closed inference servicer above."""
+    are UNIMPLEMENTED) and with the inference servicer above."""
 
     def _create_server(self):
-        self._inference_servicer = ClosedInferenceServicer(self._data_plane, self._model_repository_handlers)
+        self._inference_servicer = ServingInferenceServicer(self._data_plane, self._model_repository_handlers)
         interceptors = [LoggingInterceptor()] if self._settings.debug else []
         if self._settings.metrics_endpoint:
             interceptors.append(PromServerInterceptor(enable_handling_time_histogram=True))

@@ -4,8 +4,11 @@ another one installed), and what ``ready`` means to MLServer's readers."""
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
+from mlserver.grpc import dataplane_pb2 as pb
+from mlserver.grpc.converters import ModelInferRequestConverter
 from mlserver.settings import ModelSettings
 
 from serving import mlserver_hooks
@@ -54,3 +57,68 @@ def test_ready_is_mlservers_load_and_a_served_version():
     assert runtime.ready is True
     runtime.ready = False  # what MLServer writes after unload() returned True
     assert runtime.ready is False
+
+
+def _tensor(name: str, datatype: str, shape: list[int], **contents) -> pb.ModelInferRequest.InferInputTensor:
+    return pb.ModelInferRequest.InferInputTensor(
+        name=name, datatype=datatype, shape=shape, contents=pb.InferTensorContents(**contents)
+    )
+
+
+def _request(*tensors, raw=()) -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(model_name="credit-risk", inputs=list(tensors), raw_input_contents=list(raw))
+
+
+WELL_FORMED_RAW = {
+    "FP64": _request(_tensor("age", "FP64", [3]), raw=[struct.pack("<3d", 30, 40, 50)]),
+    "INT64 [2, 1]": _request(_tensor("age", "INT64", [2, 1]), raw=[struct.pack("<2q", 30, 40)]),
+    "raw and contents": _request(
+        _tensor("age", "FP64", [1], fp64_contents=[30.0]),
+        _tensor("DebtRatio", "FP64", [1]),
+        raw=[struct.pack("<d", 0.5)],
+    ),
+    "no raw": _request(_tensor("age", "FP64", [1], fp64_contents=[30.0])),
+    "BYTES": _request(_tensor("age", "BYTES", [1]), raw=[struct.pack("<I", 2) + b"30"]),
+}
+MALFORMED_RAW = {
+    "too short": (
+        _request(_tensor("age", "FP64", [3]), raw=[struct.pack("<2d", 30, 40)]),
+        "input 'age': shape [3] of FP64 needs 24 raw bytes, got 16",
+    ),
+    "too long": (
+        _request(_tensor("age", "INT64", [1]), raw=[struct.pack("<2q", 30, 40)]),
+        "input 'age': shape [1] of INT64 needs 8 raw bytes, got 16",
+    ),
+    "too few entries": (
+        _request(_tensor("age", "FP64", [1]), _tensor("DebtRatio", "FP64", [1]), raw=[struct.pack("<d", 30)]),
+        "raw_input_contents has 1 entries for 2 input(s) without contents",
+    ),
+    "unknown datatype": (
+        _request(_tensor("age", "FOO", [1]), raw=[struct.pack("<d", 30)]),
+        "input 'age': datatype 'FOO' is not an Open Inference datatype",
+    ),
+    "negative dimension": (
+        _request(_tensor("age", "FP64", [-1]), raw=[b""]),
+        "input 'age': shape [-1] has a negative dimension",
+    ),
+    "BYTES cut short": (
+        _request(_tensor("age", "BYTES", [1]), raw=[struct.pack("<I", 5) + b"30"]),
+        "input 'age': raw BYTES end inside an element",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WELL_FORMED_RAW))
+def test_raw_tensors_mlserver_unpacks_pass(case):
+    request = WELL_FORMED_RAW[case]
+    assert mlserver_hooks.raw_tensor_problem(request) is None
+    ModelInferRequestConverter.to_types(request)  # MLServer unpacks it
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_RAW))
+def test_raw_tensors_mlserver_cannot_unpack_are_named(case):
+    request, problem = MALFORMED_RAW[case]
+    assert mlserver_hooks.raw_tensor_problem(request).startswith(problem)
+    with pytest.raises(Exception) as crashed:  # what MLServer alone would answer INTERNAL with
+        ModelInferRequestConverter.to_types(request)
+    assert "age" not in str(crashed.value)

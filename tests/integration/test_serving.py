@@ -420,3 +420,28 @@ def test_grpc_bad_request_is_invalid_argument_naming_the_input(grpc_answers, cas
     answer = grpc_answers[case]
     assert answer.get("status") == str(grpc.StatusCode.INVALID_ARGUMENT), answer
     assert GRPC_BAD_REQUESTS[case][1] in answer["message"], answer
+
+
+def test_grpc_malformed_raw_tensor_is_invalid_argument_naming_the_input(mlserver, rows):
+    """Raw bytes that do not fit an input's shape: MLServer alone answers INTERNAL ("unpack
+    requires a buffer of 24 bytes"); ``serving.mlserver_hooks`` names the input. Sent with
+    MLServer's own stubs, since tritonclient never builds such a request."""
+    from mlserver.grpc import dataplane_pb2 as pb
+    from mlserver.grpc.dataplane_pb2_grpc import GRPCInferenceServiceStub
+
+    frame = rows.head(3)
+    inputs = [pb.ModelInferRequest.InferInputTensor(name=n, datatype="FP64", shape=[3]) for n in FEATURES]
+    raw = [frame[name].to_numpy(dtype="<f8").tobytes() for name in FEATURES]
+    raw[FEATURES.index("age")] = raw[FEATURES.index("age")][:16]
+    request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=inputs, raw_input_contents=raw)
+    with grpc.insecure_channel(f"127.0.0.1:{mlserver['grpc']}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "input 'age': shape [3] of FP64 needs 24 raw bytes, got 16" in refused.value.details()
+        raw[FEATURES.index("age")] = frame["age"].to_numpy(dtype="<f8").tobytes()
+        whole = stub.ModelInfer(
+            pb.ModelInferRequest(model_name=MODEL_NAME, inputs=inputs, raw_input_contents=raw)
+        )
+        assert [output.name for output in whole.outputs] == ["prediction", "probability"]
