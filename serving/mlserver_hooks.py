@@ -52,7 +52,10 @@ Hooks, why each is needed, and the test that exercises it:
 - **``OneModelServer.start``** (overridden): the one model loads once the ports listen; a
   model that cannot even be set up stops the servers and raises (``MLServer.start`` would log
   it and exit 0); the model and its capture spool close only after the servers have drained
-  (``MLServer.stop`` never unloads). Tests: every serving test, and the SIGTERM tests above.
+  (``MLServer.stop`` never unloads); a REST or metrics port uvicorn cannot bind (it calls
+  ``sys.exit(3)``) becomes an ``OSError`` naming the address (``_listening``). Tests: every
+  serving test, the SIGTERM tests above, and
+  ``tests/test_mlserver_hooks.py::test_serve_on_a_port_in_use_exits_1_naming_it``.
 
 Behaviour of MLServer 1.7.1 relied upon without a hook (public API, exercised by the tests):
 
@@ -114,6 +117,8 @@ from mlserver.registry import MultiModelRegistry
 from mlserver.rest.app import APIRoute
 from mlserver.settings import ModelSettings, Settings
 from mlserver.types import Datatype
+
+_STOP_TIMEOUT_S = 30  # for the servers that started when another could not
 
 CONTROL_CLOSED = (
     "model control is closed on this server: it serves whatever version the registry's "
@@ -260,6 +265,18 @@ def replace_readiness_routes(app, server_ready: ServerReadiness, model_ready: Mo
         raise RuntimeError(f"MLServer {MLSERVER_VERSION}'s REST app has no route(s) {sorted(replacements)}")
 
 
+async def _listening(what: str, address: str, server: Awaitable[None]) -> None:
+    """Run one of MLServer's uvicorn servers. uvicorn answers a port it cannot bind by logging
+    the ``OSError`` and calling ``sys.exit(3)``, which would end the process with tracebacks
+    and exit code 3; here it is an ``OSError`` naming the address."""
+    try:
+        await server
+    except SystemExit as exited:
+        cause = exited.__context__  # sys.exit is called while handling uvicorn's OSError
+        reason = f": {cause}" if isinstance(cause, OSError) else f" (uvicorn exited {exited.code})"
+        raise OSError(f"cannot listen for {what} on {address}{reason}") from cause
+
+
 class OneModelServer(MLServer):
     """MLServer serving one model, in this process, with the hooks above: a subclass answers
     readiness (``server_ready``, ``model_ready``)."""
@@ -308,10 +325,9 @@ class OneModelServer(MLServer):
         await super().stop(sig)
 
     async def start(self, models_settings=None) -> None:
-        """Serve until stopped; raise if the model cannot even be set up (bad configuration)."""
-        servers = [self._rest_server.start(), self._grpc_server.start()]
-        if self._metrics_server:
-            servers.append(self._metrics_server.start())
+        """Serve until stopped; raise if the model cannot even be set up (bad configuration) or
+        a port cannot be bound, once the other servers have stopped."""
+        servers = [asyncio.ensure_future(server) for server in self._server_runs()]
         serving = asyncio.gather(*servers)
         try:
             await self._model_registry.load(self.model_settings)
@@ -319,6 +335,23 @@ class OneModelServer(MLServer):
             await self.stop()
             serving.cancel()
             raise
-        await serving
-        # Servers have drained: only now close the model and its capture spool.
-        await self._model_registry.unload(self.model_settings.name)
+        try:
+            await serving
+        except OSError:  # a port taken: stop the servers that did start, so they close cleanly
+            await self.stop()
+            await asyncio.wait(servers, timeout=_STOP_TIMEOUT_S)
+            raise
+        finally:
+            # Servers have drained (or never started): only now close the model and its spool.
+            await self._model_registry.unload(self.model_settings.name)
+
+    def _server_runs(self) -> list[Awaitable[None]]:
+        host = self._settings.host
+        runs = [
+            _listening("HTTP", f"{host}:{self._settings.http_port}", self._rest_server.start()),
+            self._grpc_server.start(),
+        ]
+        if self._metrics_server:
+            address = f"{host}:{self._settings.metrics_port}"
+            runs.append(_listening("metrics", address, self._metrics_server.start()))
+        return runs

@@ -4,6 +4,7 @@ another one installed), and what ``ready`` means to MLServer's readers."""
 from __future__ import annotations
 
 import os
+import socket
 import struct
 
 import pytest
@@ -46,6 +47,24 @@ def test_serve_with_another_mlserver_installed_exits_1_with_one_line(tmp_path):
         "error: MLServer 9.9.9 is installed, but serving.mlserver_hooks is written for MLServer 1.7.1 "
         "only (it overrides MLServer's private code): install mlserver==1.7.1"
     ]
+
+
+@pytest.mark.parametrize("server", ["http", "metrics"])
+def test_serve_on_a_port_in_use_exits_1_naming_it(tmp_path, server):
+    """uvicorn ends the process with sys.exit(3) and tracebacks on its own; gRPC's taken port
+    is checked in ``test_following.py``."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve(tmp_path, ports={server: port})
+    assert result.returncode == 1, result.stderr
+    what = {"http": "HTTP", "metrics": "metrics"}[server]
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot serve: cannot listen for {what} on 127.0.0.1:{port}: [Errno 98] error while "
+        f"attempting to bind on address ('127.0.0.1', {port}): address already in use"
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_ready_is_mlservers_load_and_a_served_version():

@@ -13,9 +13,11 @@ from serving.settings import ServingSettings
 from tests.helpers import BIN, free_port
 
 
-def serve(tmp_path, **env) -> subprocess.CompletedProcess:
-    """``credit-risk serve`` on free ports with nothing to talk to: it must stop by itself."""
-    flags = [f"--{name}-port={free_port()}" for name in ("http", "grpc", "metrics")]
+def serve(tmp_path, ports: dict[str, int] | None = None, **env) -> subprocess.CompletedProcess:
+    """``credit-risk serve`` on ``ports`` (``{"http": ...}``, free ones for the others) with no
+    MLflow to talk to: it must stop by itself."""
+    ports = ports or {}
+    flags = [f"--{name}-port={ports.get(name) or free_port()}" for name in ("http", "grpc", "metrics")]
     return subprocess.run(
         [str(BIN / "credit-risk"), "serve", *flags],
         env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", **env},
