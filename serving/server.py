@@ -79,6 +79,8 @@ def _check(settings: Settings) -> None:
         )
     if settings.tracing_server:
         raise StartError("MLSERVER_TRACING_SERVER is not supported by this launcher yet")
+    if settings.kafka_enabled:  # MLServer would build its Kafka server, which start never runs
+        raise StartError("MLSERVER_KAFKA_ENABLED is not supported by this launcher yet")
 
 
 async def _serve() -> None:

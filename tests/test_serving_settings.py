@@ -70,3 +70,14 @@ def test_serving_settings_defaults_and_constraints(monkeypatch):
             ServingSettings()
         (error,) = refused.value.errors()
         assert error["loc"] == ("CREDIT_RISK_LOAD_RETRY_MAX_S",) and error["input"] == bad
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("MLSERVER_TRACING_SERVER", "127.0.0.1:4317"), ("MLSERVER_KAFKA_ENABLED", "true")],
+)
+def test_serve_with_an_mlserver_setting_the_launcher_refuses_exits_2_naming_it(tmp_path, variable, value):
+    """MLServer accepts these, but the launcher would silently not do what they ask."""
+    result = serve(tmp_path, **{variable: value})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == f"error: {variable} is not supported by this launcher yet"
