@@ -24,12 +24,12 @@ Hooks, why each is needed, and the test that exercises it:
 - **``ClosedRepositoryHandlers``** (``ModelRepositoryHandlers`` without its repository or
   registry): the repository API (index, load, unload) would let anyone on the inference port
   change what is served; REST answers 403. Test: the same.
-- **``ServingInferenceServicer``** (MLServer's ``InferenceServicer`` with four RPCs
-  overridden): the three repository RPCs answer ``PERMISSION_DENIED`` (test: the same);
-  ``ModelInfer`` first checks ``raw_input_contents`` against each input's datatype and shape
-  as MLServer's private ``mlserver.raw`` unpacks them (its ``_DatatypeToCtype`` table), since
-  MLServer answers a malformed raw tensor ``INTERNAL`` with ``struct``'s message ("unpack
-  requires a buffer of 24 bytes"); here it is ``INVALID_ARGUMENT`` naming the input. Tests:
+- **``ServingInferenceServicer``** (MLServer's ``InferenceServicer``): the three repository
+  RPCs answer ``PERMISSION_DENIED`` (test: the same). Its private ``_InsertHeaders``, which
+  decodes every request, is wrapped: MLServer answers a raw tensor it cannot unpack
+  ``INTERNAL`` with ``struct``'s message ("unpack requires a buffer of 24 bytes"); here it is
+  ``INVALID_ARGUMENT`` naming the input, found by ``raw_tensor_problem`` (which reads the
+  private ``mlserver.raw._DatatypeToCtype``) once decoding has failed. Tests:
   ``tests/test_mlserver_hooks.py`` (each problem, against MLServer's own converter),
   ``test_serving.py::test_grpc_malformed_raw_tensor_is_invalid_argument_naming_the_input``.
 - **``ClosedGRPCServer._create_server``** (private; a copy of ``GRPCServer._create_server``
@@ -156,8 +156,8 @@ class ClosedRepositoryHandlers(ModelRepositoryHandlers):
         raise MLServerError(CONTROL_CLOSED, status.HTTP_403_FORBIDDEN)
 
 
-# How MLServer unpacks each datatype's raw bytes (``struct``, native layout), BYTES aside.
-_RAW_CTYPES = {datatype.value: ctype for datatype, ctype in _DatatypeToCtype.items()}
+# Bytes per element as MLServer unpacks each datatype (``struct``, native layout), BYTES aside.
+_RAW_ITEM_BYTES = {datatype.value: struct.calcsize(ctype) for datatype, ctype in _DatatypeToCtype.items()}
 
 
 def raw_tensor_problem(request: pb.ModelInferRequest) -> str | None:
@@ -176,21 +176,22 @@ def raw_tensor_problem(request: pb.ModelInferRequest) -> str | None:
             "contents; send one entry per input, in the order of the inputs"
         )
     for tensor, content in zip(consuming, raw, strict=False):  # MLServer ignores extra entries
-        if problem := _raw_problem(tensor.datatype, list(tensor.shape), content):
+        if problem := _raw_problem(tensor.datatype, tensor.shape, content):
             return f"input '{tensor.name}': {problem}"
     return None
 
 
-def _raw_problem(datatype: str, shape: list[int], content: bytes) -> str | None:
-    if datatype not in _RAW_CTYPES and datatype != Datatype.BYTES.value:
+def _raw_problem(datatype: str, shape, content: bytes) -> str | None:
+    item_bytes = _RAW_ITEM_BYTES.get(datatype)
+    if item_bytes is None and datatype != Datatype.BYTES.value:
         return f"datatype {datatype!r} is not an Open Inference datatype"
     if any(size < 0 for size in shape):
-        return f"shape {shape} has a negative dimension"
-    if datatype == Datatype.BYTES.value:
+        return f"shape {list(shape)} has a negative dimension"
+    if item_bytes is None:
         return _bytes_framing_problem(content)
-    expected = math.prod(shape) * struct.calcsize(_RAW_CTYPES[datatype])
+    expected = math.prod(shape) * item_bytes
     if len(content) != expected:
-        return f"shape {shape} of {datatype} needs {expected} raw bytes, got {len(content)}"
+        return f"shape {list(shape)} of {datatype} needs {expected} raw bytes, got {len(content)}"
     return None
 
 
@@ -208,13 +209,19 @@ def _bytes_framing_problem(content: bytes) -> str | None:
 
 
 class ServingInferenceServicer(InferenceServicer):
-    """MLServer's gRPC inference service with its three repository methods refused, and raw
-    tensors it could not unpack refused as ``INVALID_ARGUMENT`` naming the input."""
+    """MLServer's gRPC inference service with its three repository methods refused, and a
+    request it could not decode refused as ``INVALID_ARGUMENT`` naming the input."""
 
-    async def ModelInfer(self, request, context):
-        if problem := raw_tensor_problem(request):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        return await super().ModelInfer(request, context)
+    def _InsertHeaders(self, request, context):
+        """MLServer's decoding of a request (``ModelInfer`` and ``ModelStreamInfer`` call it,
+        inside ``handle_mlserver_error``); what it raises on a malformed one becomes a 400,
+        which gRPC answers ``INVALID_ARGUMENT``. Checked only after it failed: well-formed
+        requests pay nothing."""
+        try:
+            return super()._InsertHeaders(request, context)
+        except (struct.error, IndexError, ValueError, TypeError) as error:
+            problem = raw_tensor_problem(request) or f"the request cannot be decoded: {error}"
+            raise MLServerError(problem, status.HTTP_400_BAD_REQUEST) from error
 
     async def RepositoryIndex(self, request, context):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, CONTROL_CLOSED)

@@ -8,6 +8,7 @@ import socket
 import struct
 
 import pytest
+from mlserver.errors import MLServerError
 from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc.converters import ModelInferRequestConverter
 from mlserver.settings import ModelSettings
@@ -141,3 +142,14 @@ def test_raw_tensors_mlserver_cannot_unpack_are_named(case):
     with pytest.raises(Exception) as crashed:  # what MLServer alone would answer INTERNAL with
         ModelInferRequestConverter.to_types(request)
     assert "age" not in str(crashed.value)
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_RAW))
+def test_grpc_decoding_failures_are_400s_naming_the_input(case):
+    """The servicer's wrapped decoding: what MLServer raised becomes the 400 gRPC answers
+    INVALID_ARGUMENT (its context is not read before decoding fails)."""
+    request, problem = MALFORMED_RAW[case]
+    servicer = mlserver_hooks.ServingInferenceServicer(data_plane=None, model_repository_handlers=None)
+    with pytest.raises(MLServerError) as refused:
+        servicer._InsertHeaders(request, context=None)
+    assert refused.value.status_code == 400 and str(refused.value).startswith(problem)
