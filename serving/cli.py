@@ -1,16 +1,26 @@
-"""``credit-risk serve``: run MLServer (``serving.server``) on the registry's Production model."""
+"""``credit-risk serve``: run MLServer (``serving.server``) on the registry's Production model.
+
+Before MLServer starts, the serving settings are read once (``ServingSettings``): a bad value
+raises its ``pydantic.ValidationError``, which the ``credit-risk`` command reports as a bad
+setting (exit 2). An installed MLServer other than the pinned one stops it with one line
+(exit 1: the installation is wrong, not the arguments).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
+from model.identity import PRODUCTION_MODEL_URI
 from serving.settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+
+_HOOKS_MODULE = "serving.mlserver_hooks"  # refuses to import with an MLServer it is not pinned to
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="serve models:/credit-risk-model/Production with MLServer (V2 protocol), following the registry",
+        help=f"serve {PRODUCTION_MODEL_URI} with MLServer (V2 protocol), following the registry",
         description="Start MLServer in the foreground. The model comes from the registry at "
         "$MLFLOW_TRACKING_URI, and the server follows Production by itself. MLServer's own "
         "MLSERVER_* variables configure the server (MLSERVER_HTTP_PORT, MLSERVER_GRPC_PORT, "
@@ -33,17 +43,23 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from serving.settings import ServingSettings, serving_environment
+
     flags = {
         "MLSERVER_HOST": args.host,
         "MLSERVER_HTTP_PORT": args.http_port,
         "MLSERVER_GRPC_PORT": args.grpc_port,
         "MLSERVER_METRICS_PORT": args.metrics_port,
     }
-    from serving.settings import serving_environment
-
     os.environ.update({name: str(value) for name, value in flags.items() if value is not None})
     os.environ.update(serving_environment())
+    ServingSettings()  # a bad CREDIT_RISK_* value stops here, before any port is taken
     # Imported once the environment is final: MLServer and MLflow read it at import time.
-    from serving.server import main
-
+    try:
+        from serving.server import main
+    except ImportError as error:
+        if error.name != _HOOKS_MODULE:
+            raise
+        print(f"error: {error.msg}", file=sys.stderr)
+        return 1
     return main()

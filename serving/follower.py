@@ -1,8 +1,8 @@
 """Following the registry: which version the configured URI names now, and when to load it.
 
-Every ``poll_interval_s`` the follower asks MLflow which version
-``models:/credit-risk-model/Production`` resolves to. When that differs from the version being
-served, it loads the new one in a worker thread (the event loop keeps answering on the old
+Every ``poll_interval_s`` the follower asks MLflow which version the configured URI
+(``model.identity.PRODUCTION_MODEL_URI``) resolves to. When that differs from the version being
+served, it loads the new one in a thread (the event loop keeps answering on the old
 one) and hands it to ``swap``. A version that fails to load is retried on a back-off, never in
 a loop, while the old one keeps serving; an unreachable MLflow only delays following.
 
@@ -33,7 +33,8 @@ class _Failure:
 
 
 class RegistryFollower:
-    """Polls the registry and drives ``load(version)`` / ``swap(loaded)`` for one model URI.
+    """Polls the registry and drives ``load(name, version)`` / ``swap(loaded)`` for one model URI;
+    ``on_load_failure(version)`` is told of every failed attempt.
 
     ``status`` says, in one line, what is being served or why nothing is: readiness reports it.
     """
@@ -48,7 +49,7 @@ class RegistryFollower:
         retry_max_s: float,
         load: Callable[[str, str], object],
         swap: Callable[[object], None],
-        on_load_failure: Callable[[str, str], None] = lambda name, version: None,
+        on_load_failure: Callable[[str], None] = lambda version: None,
     ):
         self.uri = uri
         self._alias = alias
@@ -132,7 +133,7 @@ class RegistryFollower:
         delay = min(self._retry_min_s * 2 ** (attempts - 1), self._retry_max_s)
         text = f"{type(error).__name__}: {error}"
         self._failures[version] = _Failure(attempts, time.monotonic() + delay, text)
-        self._on_load_failure(name, version)
+        self._on_load_failure(version)
         kept = f"still serving version {self.served}" if self.served else "nothing is served"
         self.status = (
             f"version {version} of {name} failed to load (attempt {attempts}, next in {delay:.0f} s); "

@@ -1,9 +1,18 @@
 """Prometheus metrics labelled with the registry version and dataset hash.
 
+Labels, the same on every ``credit_risk_*`` metric that has them:
+
+- ``model``: the served model's name, ``credit-risk`` (``model-settings.json``; the name in
+  ``/v2/models/<model>/...``), never the registered model's name;
+- ``version``: the registry version of the registered model (``credit-risk-model``) that
+  scored, or failed to load;
+- ``dataset_hash``: the SHA-256 of that version's training file (``model.identity.DATASET_HASH``).
+
 MLServer's own ``model_infer_request_*`` metrics take their ``version`` label from the URL
 (``None`` on ``/v2/models/credit-risk/infer``); these carry the version that actually scored,
-read from the same slot as the answer. Serving runs in one process (no MLServer workers), so
-they live in prometheus_client's default registry, which MLServer's metrics port exposes.
+read from the same slot as the answer. Serving scores in the launcher's one process
+(``serving.server``), so they live in prometheus_client's default registry, which MLServer's
+metrics port exposes.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 
 class Labels(NamedTuple):
+    """The labels of one served version (see the module docstring)."""
+
     model: str
     version: str
     dataset_hash: str
@@ -67,6 +78,7 @@ def model_swapped(new: Labels, old: Labels | None, fast_path: bool) -> None:
 
 
 def model_load_failed(model: str, version: str) -> None:
+    """One failed attempt of the served model ``model`` to load registry version ``version``."""
     _metrics()["load_failures"].labels(model, version).inc()
 
 

@@ -1,20 +1,24 @@
 """The MLServer runtime: mlserver-mlflow's runtime, made strict, traceable and registry-following.
 
 - It serves one slot, ``Served``: a loaded registry version with everything that names it.
-  ``serving.follower`` fills the slot when ``models:/credit-risk-model/Production`` moves, in
-  one assignment; each request reads the slot once, so its answer, response parameters,
-  captured record and metrics all name the same version, through a swap too.
+  ``serving.follower`` fills the slot when the configured URI (``model-settings.json``:
+  ``model.identity.PRODUCTION_MODEL_URI``) moves, in one assignment; each request reads the
+  slot once, so its answer, response parameters, captured record and metrics all name the
+  same version, through a swap too.
 - Requests decode strictly into one float64 matrix (``serving.v2``) and are scored by the
   model's own ``score`` (``model.scoring``): the same code the gate and ``mlflow models serve``
-  run, minus the DataFrames. Bad input is a 400 naming the input.
+  run, minus the DataFrames. Bad input is a 400 naming the input (``INVALID_ARGUMENT`` over
+  gRPC).
 - The registry version and ``dataset_hash`` are in the model metadata, every response's
-  ``parameters`` and this runtime's Prometheus metrics.
+  ``parameters`` and this runtime's Prometheus metrics (``serving.metrics``).
 - Every answered request is appended to the capture spool (``serving.capture``) before its
   response leaves, for the logging sidecar to ship.
-- Readiness (``ready``) is true only while a version is served; ``status`` says why not.
+- Readiness (``ready``) is "MLServer loaded this runtime AND a registry version is in the
+  slot"; ``status`` says why not (see ``CreditRiskRuntime.ready``).
 - The earlier FastAPI design's routes live on as MLServer custom handlers on the same port:
   ``POST /predict`` (``serving.flat_json``), ``GET /model/info`` and ``GET /health``, served
   from the same slot and validated, counted and captured exactly like V2 inferences.
+  Timestamps they write come from ``model.identity.utc_timestamp``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from functools import partial
 
 from fastapi import Request
 from mlflow.tracking import MlflowClient
@@ -50,7 +54,7 @@ from mlserver_mlflow.metadata import (
 from threadpoolctl import threadpool_limits
 
 from model import scoring
-from model.identity import DATASET_HASH
+from model.identity import DATASET_HASH, utc_timestamp
 from model.schema import OUTPUT_PREDICTION, OUTPUT_PROBABILITY, InvalidFeatures
 from serving import flat_json, metrics, v2
 from serving.capture import SpoolWriter, encode
@@ -80,14 +84,27 @@ class CreditRiskRuntime(MLflowRuntime):
     """mlserver-mlflow's runtime serving whichever version the registry URI names."""
 
     _served: Served | None = None
+    _loaded = False  # MLServer's own word: what load() (True) and unload() (False) left
 
     @property
     def ready(self) -> bool:
-        return self._served is not None
+        """MLServer loaded this runtime AND a registry version is in the slot.
+
+        MLServer writes ``ready`` from what ``load()`` and ``unload()`` return
+        (``mlserver.registry.SingleModelRegistry._load_model``, ``_unload_model``); the setter
+        keeps that write, and the getter adds the slot, which only ``serving.follower`` fills.
+        So ``load()`` returning True (it starts the follower) does not make the runtime ready
+        before a version is loaded, and ``unload()`` makes it unready whatever the slot holds.
+        MLServer reads ``ready`` in the gRPC ``ServerReady``/``ModelReady``
+        (``DataPlane.ready``/``model_ready``) and before every inference
+        (``DataPlane._infer_contextmanager``: "not ready yet", 400); the REST readiness routes
+        are the launcher's (``serving.server``) and read it too.
+        """
+        return self._loaded and self._served is not None
 
     @ready.setter
-    def ready(self, value: bool) -> None:
-        """MLServer sets readiness from ``load()``; here it follows the slot instead."""
+    def ready(self, loaded: bool) -> None:
+        self._loaded = loaded
 
     @property
     def served_version(self) -> str | None:
@@ -114,7 +131,7 @@ class CreditRiskRuntime(MLflowRuntime):
             retry_max_s=settings.load_retry_max_s,
             load=self._load_version,
             swap=self._swap,
-            on_load_failure=metrics.model_load_failed,
+            on_load_failure=partial(metrics.model_load_failed, self.name),
         )
         self._following = asyncio.create_task(self._follower.run())
         return True
@@ -199,7 +216,7 @@ class CreditRiskRuntime(MLflowRuntime):
         with _counting_rejections(served):
             values, batch = flat_json.request_matrix(await request.body())
             scored = _score(served, values)
-        timestamp = datetime.fromtimestamp(started_ns / 1e9, tz=UTC).isoformat()
+        timestamp = utc_timestamp(started_ns / 1e9)
         answer = flat_json.answer(
             scored[OUTPUT_PREDICTION],
             scored[OUTPUT_PROBABILITY],
@@ -304,7 +321,7 @@ def _registry_record(registered_name: str, version: str, model_uri: str, dataset
         "model_stage": found.current_stage,
         "model_uri": model_uri,
         "run_id": found.run_id,
-        "dataset_hash": dataset_hash,
+        DATASET_HASH: dataset_hash,
         "metrics": metrics_,
-        "promoted_at": datetime.fromtimestamp(promoted / 1000, tz=UTC).isoformat() if promoted else None,
+        "promoted_at": utc_timestamp(promoted / 1000) if promoted else None,
     }

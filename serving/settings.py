@@ -1,27 +1,33 @@
 """Serving settings: MLServer's own ``MLSERVER_*`` variables with this project's defaults, and
-the few ``CREDIT_RISK_*`` ones MLServer has no equivalent for.
+``ServingSettings``, the ``CREDIT_RISK_*`` ones MLServer has no equivalent for.
 
-Defaults are applied to the environment of the serving process only where the variable is
-not already set, so every one of them can be overridden the MLServer way. There is no
-``settings.json``: values in that file would win over the environment.
+Both are pydantic-settings classes read from the environment (MLServer's ``Settings`` and
+``ModelSettings`` by MLServer, ``ServingSettings`` here). ``credit-risk serve`` builds
+``ServingSettings`` before MLServer starts, so a bad value stops it with a
+``pydantic.ValidationError`` naming the variable and the value; the runtime reads the same
+environment again when it loads. MLServer's defaults are applied to the serving process's
+environment only where a variable is not already set (``serving_environment``), so each can be
+overridden the MLServer way. There is no ``settings.json``: values in that file would win over
+the environment.
 
 | variable | default | meaning |
 | --- | --- | --- |
 | ``CREDIT_RISK_REGISTRY_POLL_S`` | 5 | how often the registry is asked which version to serve |
 | ``CREDIT_RISK_LOAD_RETRY_MIN_S`` / ``_MAX_S`` | 30 / 600 | back-off for a version that failed to load |
-| ``CREDIT_RISK_SPOOL_DIR`` and friends | | inference capture (``serving.capture.SpoolSettings``) |
+| ``CREDIT_RISK_SPOOL_DIR`` and friends | | inference capture (``serving.spool_format.SpoolSettings``) |
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlserver.settings import Settings
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.identity import PRODUCTION_ALIAS, PRODUCTION_MODEL_URI
+from model.identity import ENV_PREFIX, PRODUCTION_ALIAS, PRODUCTION_MODEL_URI
 from serving.spool_format import SpoolSettings
 
 SERVING_DIR = Path(__file__).resolve().parent
@@ -39,25 +45,41 @@ DEFAULT_METRICS_PORT: int = Settings.model_fields["metrics_port"].default
 _ALIAS_IN_STEP = {PRODUCTION_MODEL_URI: PRODUCTION_ALIAS}
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {raw!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class ServingSettings:
+class ServingSettings(BaseSettings):
     """What the runtime reads at load, besides MLServer's own settings."""
 
-    spool: SpoolSettings = field(default_factory=SpoolSettings)
-    registry_poll_s: float = field(default_factory=lambda: _env_float("CREDIT_RISK_REGISTRY_POLL_S", 5))
-    load_retry_min_s: float = field(default_factory=lambda: _env_float("CREDIT_RISK_LOAD_RETRY_MIN_S", 30))
-    load_retry_max_s: float = field(default_factory=lambda: _env_float("CREDIT_RISK_LOAD_RETRY_MAX_S", 600))
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, populate_by_name=True, frozen=True)
+
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    registry_poll_s: float = Field(
+        5,
+        gt=0,
+        allow_inf_nan=False,
+        validation_alias="CREDIT_RISK_REGISTRY_POLL_S",
+        description="seconds between two looks at which version the registry names",
+    )
+    load_retry_min_s: float = Field(
+        30,
+        gt=0,
+        allow_inf_nan=False,
+        validation_alias="CREDIT_RISK_LOAD_RETRY_MIN_S",
+        description="seconds before the first retry of a version that failed to load (then doubled)",
+    )
+    load_retry_max_s: float = Field(
+        600,
+        gt=0,
+        allow_inf_nan=False,
+        validation_alias="CREDIT_RISK_LOAD_RETRY_MAX_S",
+        description="the longest wait between two retries of a version that failed to load",
+    )
+
+    @field_validator("load_retry_max_s")
+    @classmethod
+    def _not_below_min(cls, value: float, info: ValidationInfo) -> float:
+        minimum = info.data.get("load_retry_min_s")  # absent when it was itself invalid
+        if minimum is not None and value < minimum:
+            raise ValueError(f"must be >= CREDIT_RISK_LOAD_RETRY_MIN_S ({minimum:g})")
+        return value
 
     @staticmethod
     def follow_alias(uri: str) -> str | None:
@@ -71,7 +93,8 @@ def serving_environment(environ: dict[str, str] | None = None) -> dict[str, str]
     # Loopback unless told otherwise; containers set MLSERVER_HOST=0.0.0.0.
     env.setdefault("MLSERVER_HOST", "127.0.0.1")
     env.setdefault("MLSERVER_DEBUG", "false")
-    # One process: the runtime swaps versions in place, which MLServer's worker pool cannot.
+    # MLServer's default is a pool of one worker process, which the launcher refuses
+    # (serving.server says why).
     env.setdefault("MLSERVER_PARALLEL_WORKERS", "0")
     # One OpenMP thread: with more, p99 went from ~2 ms to ~700 ms when the other core was busy.
     env.setdefault("OMP_NUM_THREADS", "1")

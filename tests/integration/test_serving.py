@@ -1,8 +1,12 @@
-"""MLServer serving the Production model from a real registry, over REST and tritonclient."""
+"""MLServer serving the Production model from a real registry, over REST, gRPC and tritonclient."""
 
 import json
 import math
+import re
+import subprocess
+import sys
 
+import grpc
 import httpx
 import mlflow
 import numpy as np
@@ -10,6 +14,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from model.identity import DATASET_HASH, REGISTERED_MODEL_NAME
 from model.schema import COUNTS, FEATURES
 from serving.settings import MODEL_NAME, MODEL_URI, SERVING_DIR
 from tests.helpers import REPO
@@ -17,6 +22,9 @@ from training.data import load_training_data, sha256_of_file
 from training.registry import PRODUCTION_MODEL_URI, production_version
 
 pytestmark = pytest.mark.integration
+
+# model.identity.utc_timestamp's format, written out independently: ISO 8601, UTC, ms, Z.
+UTC_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 def v2_body(frame: pd.DataFrame, integer_counts=True, **extra) -> dict:
@@ -245,7 +253,7 @@ def test_seed_predict_answers_like_v2_with_either_spelling(mlserver, rows):
         answer = single.json()
         assert set(answer) == {"prediction", "probability", "model_version", "request_id", "timestamp"}
         assert (answer["probability"], answer["prediction"]) == (probabilities[0], predictions[0])
-        assert answer["request_id"] == "seed-1" and answer["timestamp"].endswith("+00:00")
+        assert answer["request_id"] == "seed-1" and UTC_TIMESTAMP.fullmatch(answer["timestamp"])
         batch = predict_flat(mlserver, flat(rows.head(5), underscores))
         assert batch.status_code == 200, batch.text
         assert [a["probability"] for a in batch.json()] == probabilities
@@ -288,7 +296,7 @@ def test_seed_model_info_and_health_describe_the_served_version(mlserver, tracki
     assert info["model_stage"] == "Production" and info["run_id"] == version.run_id
     assert info["model_uri"] == f"models:/credit-risk-model/{version.version}"
     assert info["dataset_hash"] == sha256_of_file(sample_path)
-    assert 0.5 < info["metrics"]["test_roc_auc"] <= 1 and info["promoted_at"]
+    assert 0.5 < info["metrics"]["test_roc_auc"] <= 1 and UTC_TIMESTAMP.fullmatch(info["promoted_at"])
     health = httpx.get(f"{mlserver['url']}/health", timeout=10)
     assert health.status_code == 200
     assert health.json()["model_loaded"] is True and health.json()["model_version"] == version.version
@@ -307,3 +315,133 @@ def test_seed_rejections_are_counted_like_v2(mlserver, rows):
     assert predict_flat(mlserver, {"age": "x"}).status_code == 400
     assert infer(mlserver, {"inputs": []}).status_code == 400
     assert rejected() == before + 2
+
+
+# -- gRPC: tritonclient against the same server, compared with its REST answers ----------
+
+_GRPC_DATATYPES = {np.dtype("int64"): "INT64", np.dtype("float64"): "FP64"}
+
+
+def grpc_tensor(name: str, values: np.ndarray) -> dict:
+    """One input for ``triton_grpc_client``: its bytes, exactly."""
+    return {
+        "name": name,
+        "datatype": _GRPC_DATATYPES[values.dtype],
+        "shape": [len(values)],
+        "data": values.astype(values.dtype.newbyteorder("<")).tobytes().hex(),
+    }
+
+
+def grpc_inputs(frame: pd.DataFrame) -> list[dict]:
+    """A count column without missing values as INT64, every other column as FP64 with NaN
+    for a missing value (gRPC tensors have no null)."""
+    inputs = []
+    for name in FEATURES:
+        column = frame[name].to_numpy(dtype="float64")
+        as_int = name in COUNTS and not np.isnan(column).any()
+        inputs.append(grpc_tensor(name, column.astype("int64") if as_int else column))
+    return inputs
+
+
+def grpc_array(output: dict) -> np.ndarray:
+    dtype = {"INT64": "<i8", "FP64": "<f8"}[output["datatype"]]
+    return np.frombuffer(bytes.fromhex(output["data"]), dtype=dtype).reshape(output["shape"])
+
+
+def _replaced(frame: pd.DataFrame, name: str, values: np.ndarray) -> list[dict]:
+    return [grpc_tensor(name, values) if item["name"] == name else item for item in grpc_inputs(frame)]
+
+
+GRPC_BAD_REQUESTS = {
+    "negative age": (lambda f: _replaced(f, "age", np.array([30.0, -1.0, 40.0])), "age: must be >= 0"),
+    "unknown input": (
+        lambda f: [*grpc_inputs(f), grpc_tensor("Income", np.ones(len(f)))],
+        "unknown input(s) ['Income']",
+    ),
+    "unequal lengths": (lambda f: _replaced(f, "age", np.array([30.0, 40.0])), "'age': 2"),
+}
+
+
+@pytest.fixture(scope="module")
+def grpc_answers(mlserver, rows) -> dict[str, dict]:
+    """tritonclient.grpc's answers: ``rows`` as request ``grpc-1``, then each bad request.
+
+    tritonclient runs in a process of its own (``triton_grpc_client`` says why)."""
+    requests = [{"id": "grpc-1", "inputs": grpc_inputs(rows)}]
+    requests += [
+        {"id": case, "inputs": build(rows.head(3))} for case, (build, _) in GRPC_BAD_REQUESTS.items()
+    ]
+    spec = {"url": f"127.0.0.1:{mlserver['grpc']}", "model": MODEL_NAME, "requests": requests}
+    client = subprocess.run(
+        [sys.executable, "-m", "tests.integration.triton_grpc_client"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert client.returncode == 0, client.stderr
+    answers = json.loads(client.stdout)
+    return dict(zip([request["id"] for request in requests], answers, strict=True))
+
+
+def test_grpc_inference_equals_rest_bit_for_bit(mlserver, grpc_answers, tracking_uri, rows, sample_path):
+    missing = rows.columns[rows.isna().any()]
+    assert any(name in COUNTS for name in missing) and any(name not in COUNTS for name in missing), (
+        "the rows should miss values in a count and in an amount"
+    )
+    sent = {item["datatype"] for item in grpc_inputs(rows)}
+    assert sent == {"INT64", "FP64"}, sent
+    answer = grpc_answers["grpc-1"]
+    assert "outputs" in answer, answer
+    rest = infer(mlserver, v2_body(rows, id="rest-1"))
+    assert rest.status_code == 200, rest.text
+    expected = outputs(rest)
+
+    probability, prediction = (
+        grpc_array(answer["outputs"]["probability"]),
+        grpc_array(answer["outputs"]["prediction"]),
+    )
+    assert probability.shape == prediction.shape == (len(rows), 1)
+    assert probability.tobytes() == np.array(expected["probability"], dtype="<f8").tobytes()
+    assert prediction.tobytes() == np.array(expected["prediction"], dtype="<i8").tobytes()
+
+    version = production_version(MlflowClient(tracking_uri)).version
+    assert answer["id"] == "grpc-1" and answer["model_version"] == version
+    parameters = answer["parameters"]
+    assert parameters["registry_version"] == version
+    assert parameters["model_uri"] == f"models:/{REGISTERED_MODEL_NAME}/{version}"
+    assert parameters[DATASET_HASH] == sha256_of_file(sample_path)
+    assert parameters == rest.json()["parameters"]
+
+
+@pytest.mark.parametrize("case", sorted(GRPC_BAD_REQUESTS))
+def test_grpc_bad_request_is_invalid_argument_naming_the_input(grpc_answers, case):
+    answer = grpc_answers[case]
+    assert answer.get("status") == str(grpc.StatusCode.INVALID_ARGUMENT), answer
+    assert GRPC_BAD_REQUESTS[case][1] in answer["message"], answer
+
+
+def test_grpc_malformed_raw_tensor_is_invalid_argument_naming_the_input(mlserver, rows):
+    """Raw bytes that do not fit an input's shape: MLServer alone answers INTERNAL ("unpack
+    requires a buffer of 24 bytes"); ``serving.mlserver_hooks`` names the input. Sent with
+    MLServer's own stubs, since tritonclient never builds such a request."""
+    from mlserver.grpc import dataplane_pb2 as pb
+    from mlserver.grpc.dataplane_pb2_grpc import GRPCInferenceServiceStub
+
+    frame = rows.head(3)
+    inputs = [pb.ModelInferRequest.InferInputTensor(name=n, datatype="FP64", shape=[3]) for n in FEATURES]
+    raw = [frame[name].to_numpy(dtype="<f8").tobytes() for name in FEATURES]
+    raw[FEATURES.index("age")] = raw[FEATURES.index("age")][:16]
+    request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=inputs, raw_input_contents=raw)
+    with grpc.insecure_channel(f"127.0.0.1:{mlserver['grpc']}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "input 'age': shape [3] of FP64 needs 24 raw bytes, got 16" in refused.value.details()
+        raw[FEATURES.index("age")] = frame["age"].to_numpy(dtype="<f8").tobytes()
+        whole = stub.ModelInfer(
+            pb.ModelInferRequest(model_name=MODEL_NAME, inputs=inputs, raw_input_contents=raw)
+        )
+        assert [output.name for output in whole.outputs] == ["prediction", "probability"]
