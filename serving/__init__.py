@@ -1,2 +1,3 @@
-"""Serving: MLServer with a strict mlserver-mlflow runtime that loads
-``models:/credit-risk-model/Production`` and answers the Open Inference (V2) protocol."""
+"""Serving: MLServer with a strict mlserver-mlflow runtime that follows the registry's
+Production version (``model.identity.PRODUCTION_MODEL_URI``) and answers the Open Inference
+(V2) protocol over REST and gRPC."""

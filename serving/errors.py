@@ -1,8 +1,6 @@
 """The errors a request can earn, as MLServer errors so that its REST and gRPC handlers answer
-them with their status code and the one-line message (``{"error": "..."}`` over REST).
-
-Each takes only its message, so that it survives pickling between MLServer's worker
-processes with its status code intact.
+them with their status code and the one-line message (``{"error": "..."}`` over REST, the
+status's gRPC code otherwise).
 """
 
 from __future__ import annotations
