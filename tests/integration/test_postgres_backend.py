@@ -29,10 +29,10 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import create_engine, text
 
 from logging_sidecar.reader import read_records
+from model.identity import PRODUCTION_ALIAS, REGISTERED_MODEL_NAME
 from serving.settings import MODEL_NAME, SERVING_DIR
 from stack import processes, services
 from tests.helpers import credit_risk, free_port, running, serving_service
-from training.registry import PRODUCTION_ALIAS, REGISTERED_MODEL_NAME
 
 pytestmark = pytest.mark.integration
 
