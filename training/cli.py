@@ -12,8 +12,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from training.settings import TrainingParameters
-
 
 class _ClassifierOverrides(argparse.Action):
     """``--set KEY=VALUE`` (VALUE as JSON where it parses), repeatable: each is checked, with
@@ -38,10 +36,6 @@ class _ClassifierOverrides(argparse.Action):
         setattr(namespace, self.dest, overrides)
 
 
-def _default(name: str):
-    return TrainingParameters.model_fields[name].default
-
-
 def add_parser(subparsers, before_mlflow: Callable[[], object] = lambda: None) -> None:
     """The ``train`` command. ``before_mlflow`` is called once the flags and settings are
     checked and before anything talks to MLflow (the ``credit-risk`` command finds and names
@@ -59,11 +53,13 @@ def add_parser(subparsers, before_mlflow: Callable[[], object] = lambda: None) -
     parser.add_argument(
         "--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or credit-risk-training)"
     )
-    parser.add_argument("--seed", type=int, default=_default("seed"))
+    # Defaults live in TrainingParameters alone (imported only when the command runs, so that
+    # building the parser stays fast): a flag left out sets nothing.
     parser.add_argument(
-        "--test-size", type=float, default=_default("test_size"), help="held-out share (default %(default)s)"
+        "--seed", type=int, help="seed of the CV folds, the trees and the samples (default 42)"
     )
-    parser.add_argument("--cv-folds", type=int, default=_default("cv_folds"))
+    parser.add_argument("--test-size", type=float, help="held-out share (default 0.2)")
+    parser.add_argument("--cv-folds", type=int, help="cross-validation folds (default 5)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -75,8 +71,7 @@ def add_parser(subparsers, before_mlflow: Callable[[], object] = lambda: None) -
     parser.add_argument(
         "--gate-tolerance",
         type=float,
-        default=_default("gate_tolerance"),
-        help="promote when candidate ROC AUC >= Production's minus this",
+        help="promote when candidate ROC AUC >= Production's minus this (default 0)",
     )
     parser.add_argument(
         "--force-promote", action="store_true", help="promote even when the gate says the candidate is worse"
@@ -91,17 +86,18 @@ def add_parser(subparsers, before_mlflow: Callable[[], object] = lambda: None) -
 
 def run(args, before_mlflow: Callable[[], object] = lambda: None) -> int:
     # Imported here so that `credit-risk --help` stays fast.
-    from training.settings import TrainingSettings
+    from training.settings import TrainingParameters, TrainingSettings
     from training.train import summary, train
 
-    parameters = TrainingParameters(
-        seed=args.seed,
-        test_size=args.test_size,
-        cv_folds=args.cv_folds,
-        classifier=args.overrides,
-        gate_tolerance=args.gate_tolerance,
-        force_promote=args.force_promote,
-    )
+    chosen = {
+        "seed": args.seed,
+        "test_size": args.test_size,
+        "cv_folds": args.cv_folds,
+        "classifier": args.overrides,
+        "gate_tolerance": args.gate_tolerance,
+        "force_promote": args.force_promote,
+    }
+    parameters = TrainingParameters(**{name: value for name, value in chosen.items() if value is not None})
     flags = {"data": args.data, "experiment": args.experiment, "retrain": args.retrain or None}
     settings = TrainingSettings(**{name: value for name, value in flags.items() if value is not None})
     before_mlflow()
