@@ -38,7 +38,8 @@ _FIND_TRACKING_SERVER_FIRST = ("serve", "sidecar", "records")
 class LocalStack:
     """The three long-running processes of ``credit-risk up``, configured from the flags."""
 
-    def __init__(self, args):
+    def __init__(self, args, backend_store_uri: str | None = None):
+        """``backend_store_uri``: MLflow's store, default SQLite in the state folder."""
         self.state_dir: Path = (args.state_dir or local.StackSettings().home).resolve()
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -52,9 +53,7 @@ class LocalStack:
         self.infer_url = f"http://{services.LOOPBACK}:{args.http_port}/v2/models/{MODEL_NAME}/infer"
         spool = self.state_dir / "spool"
         self.mlflow = services.mlflow(
-            self.state_dir / "mlflow",
-            port=args.mlflow_port,
-            backend_store_uri=getattr(args, "backend_store_uri", None),
+            self.state_dir / "mlflow", port=args.mlflow_port, backend_store_uri=backend_store_uri
         )
         self.serving = services.serving(self.tracking_uri, args.http_port, CREDIT_RISK_SPOOL_DIR=str(spool))
         self.sidecar = services.sidecar(self.tracking_uri, spool, args.sidecar_port, supervised=True)
@@ -75,14 +74,17 @@ def up(args) -> int:
     from training.settings import TrainingSettings
     from training.train import stage, summary, train
 
-    stack = LocalStack(args)
     # Settings are checked before anything starts: a bad one is exit 2 with nothing running.
     training = TrainingSettings(**({"data": args.data} if args.data else {}))
-    if args.backend_store_uri:
-        tracking_server.TrackingServerSettings(
-            backend_store_uri=args.backend_store_uri,
-            artifacts_destination=str(stack.state_dir / "mlflow" / "artifacts"),
-        )
+    store = tracking_server.TrackingServerSettings(
+        **({"backend_store_uri": args.backend_store_uri} if args.backend_store_uri else {}),
+        artifacts_destination="artifacts",  # up keeps them in its state folder
+    )
+    # --backend-store-uri or MLFLOW_BACKEND_STORE_URI; else SQLite in the state folder, which
+    # may not be the settings' default (--state-dir).
+    stack = LocalStack(
+        args, store.backend_store_uri if "backend_store_uri" in store.model_fields_set else None
+    )
     with stage(f"MLflow tracking server on {stack.tracking_uri}"):
         print(f"  {stack.ensure_running(stack.mlflow, timeout=120)}")
         recorded = local.record_stack(stack.state_dir, stack.tracking_uri, **stack.ports)
