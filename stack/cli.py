@@ -205,7 +205,7 @@ def run_command(args: argparse.Namespace) -> int:
         for line in settings_errors(error):
             _error(line)
         return USAGE
-    except (UsageError, DataError) as error:
+    except (UsageError, argparse.ArgumentTypeError, DataError) as error:
         _error(error)
         return USAGE
     except (

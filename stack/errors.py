@@ -4,7 +4,7 @@
 | --- | --- | --- |
 | 0 | done, or nothing to do | |
 | 1 | refused or failed: one ``error:`` line | ``PromotionError``, ``ServiceError``, ``BackendStoreError``, ``MlflowException``, ``httpx.HTTPError``, ``ConnectionError`` |
-| 2 | bad arguments only: one ``error:`` line per problem | argparse's own errors, ``UsageError``, a settings ``pydantic.ValidationError``, ``DataError`` (the training file named by ``--data`` or ``CREDIT_RISK_DATA``) |
+| 2 | bad arguments only: one ``error:`` line per problem | argparse's own errors, ``UsageError`` (or ``argparse.ArgumentTypeError``, for parts that cannot import this module), a settings ``pydantic.ValidationError``, ``DataError`` (the training file named by ``--data`` or ``CREDIT_RISK_DATA``) |
 | 1 | anything else is a bug: its traceback | |
 
 ``stack.cli.main`` applies the table; this module has no imports of its own so that any part
