@@ -88,7 +88,15 @@ def up(args) -> int:
     with stage(f"MLflow tracking server on {stack.tracking_uri}"):
         print(f"  {stack.ensure_running(stack.mlflow, timeout=120)}")
         recorded = local.record_stack(stack.state_dir, stack.tracking_uri, **stack.ports)
-        print(f"  recorded in {recorded}: credit-risk commands run here use it")
+        found_here = stack.state_dir == local.StackSettings().home.resolve()
+        print(
+            f"  recorded in {recorded}: "
+            + (
+                "credit-risk commands run here use it"
+                if found_here
+                else f"set CREDIT_RISK_HOME={stack.state_dir} to use it"
+            )
+        )
 
     os.environ[local.TRACKING_URI_VARIABLE] = stack.tracking_uri
     result = train(training)
