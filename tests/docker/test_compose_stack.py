@@ -20,9 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from logging_sidecar.reader import read_records
 from logging_sidecar.settings import DEFAULT_PORT as SIDECAR_PORT
+from model.identity import REGISTERED_MODEL_NAME
 from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME, SERVING_DIR
 from tests.helpers import REPO, free_port
-from training.registry import REGISTERED_MODEL_NAME
 
 pytestmark = pytest.mark.docker
 
