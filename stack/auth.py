@@ -28,9 +28,7 @@ a refusal is a ``ProvisioningError`` with one line naming the request and MLflow
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,20 +39,16 @@ import httpx
 from stack import auth_policy as policy
 from stack.auth_files import (
     ADMIN,
-    AUTH_CONFIG_FILE,
     SECRET_KEY_FILE,
     Credentials,
-    CredentialsError,
     admin_credentials,
     ensure_credentials,
     ensure_secret_key,
     identity_file,
     record_admin,
 )
-from stack.services import DEFAULT_STATE_DIR, MLFLOW_PORT, tracking_uri
 from training.registry import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
-DEFAULT_CREDENTIALS_DIR = DEFAULT_STATE_DIR / "auth"
 # Every experiment here is model work, none is GenAI: the MLflow UI opens them as model training.
 _EXPERIMENT_KIND = {"key": EXPERIMENT_KIND_TAG, "value": MODEL_TRAINING_KIND}
 # Grants on these tiers are wildcard-only in MLflow 3.17 and decide for every experiment or
@@ -435,14 +429,17 @@ def provision(
     directory: Path,
     names: policy.Names | None = None,
     environ: MutableMapping[str, str] = os.environ,
+    per_identity_folders: bool = False,
 ) -> Report:
-    """Bring the server at ``tracking`` to the policy; credentials live in ``directory``."""
+    """Bring the server at ``tracking`` to the policy; credentials live in ``directory``
+    (laid out as ``auth_files.identity_file`` says)."""
     names, directory, report = names or policy.Names(), Path(directory), Report()
     client = _log_in_as_admin(tracking, directory, environ, report)
     try:
         resources = _ensure_resources(client, names, report)
         for identity in policy.SERVICE_IDENTITIES:
-            user = _ensure_user(client, ensure_credentials(directory, identity), report)
+            credentials = ensure_credentials(directory, identity, per_identity_folders)
+            user = _ensure_user(client, credentials, report)
             _apply_grants(client, user, resources, report)
         _note_other_readers(client, resources, report)
     finally:
@@ -450,21 +447,9 @@ def provision(
     return report
 
 
-def write_credentials(directory: Path, environ: MutableMapping[str, str] = os.environ) -> list[Path]:
-    """Every identity's credentials file and the server's secret key, without a server (for
-    Kubernetes Secrets): existing files are kept."""
-    directory = Path(directory)
-    admin_credentials(directory, environ)
-    for identity in policy.SERVICE_IDENTITIES:
-        ensure_credentials(directory, identity)
-    ensure_secret_key(directory)
-    return [identity_file(directory, i) for i in policy.IDENTITIES] + [directory / SECRET_KEY_FILE]
-
-
-# --- ``credit-risk auth`` (stack.cli adds it with ``auth.add_parser(subparsers)``) --------------
-
-
-def _names_from_environment(environ: MutableMapping[str, str]) -> policy.Names:
+def names_from_environment(environ: MutableMapping[str, str] = os.environ) -> policy.Names:
+    """The protected resources as this deployment names them (the variables the trainer, the
+    sidecar and the monitor read)."""
     defaults = policy.Names()
     return policy.Names(
         training=environ.get("MLFLOW_EXPERIMENT_NAME") or defaults.training,
@@ -474,74 +459,15 @@ def _names_from_environment(environ: MutableMapping[str, str]) -> policy.Names:
     )
 
 
-def _run_provision(args) -> int:
-    tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(MLFLOW_PORT)
-    try:
-        report = provision(tracking, Path(args.credentials_dir), _names_from_environment(os.environ))
-    except (ProvisioningError, CredentialsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for line in report.changes:
-        print(f"changed: {line}")
-    for line in report.notes:
-        print(f"note: {line}")
-    if not report.changed:
-        print(f"auth on {tracking}: nothing to change")
-    return 0
-
-
-def _run_credentials(args) -> int:
-    try:
-        paths = write_credentials(Path(args.credentials_dir))
-    except CredentialsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for path in paths:
-        print(path)
-    return 0
-
-
-def _run_table(args) -> int:
-    print(policy.markdown_table(_names_from_environment(os.environ)))
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    text = "identities and permissions on the tracking server (MLflow basic-auth)"
-    parser = subparsers.add_parser("auth", help=text, description=text)
-    commands = parser.add_subparsers(dest="auth_command", required=True)
-    directory_help = f"where the credentials files are (default {DEFAULT_CREDENTIALS_DIR})"
-
-    provision_parser = commands.add_parser(
-        "provision", help="create identities and apply exactly their grants, as admin (idempotent)"
-    )
-    provision_parser.add_argument(
-        "--tracking-uri", help="default $MLFLOW_TRACKING_URI, else the local server"
-    )
-    provision_parser.add_argument(
-        "--credentials-dir", default=str(DEFAULT_CREDENTIALS_DIR), help=directory_help
-    )
-    provision_parser.set_defaults(handler=_run_provision)
-
-    credentials_parser = commands.add_parser(
-        "credentials",
-        help=f"write every identity's <identity>.env and {SECRET_KEY_FILE}, keeping existing ones "
-        f"(for Kubernetes Secrets; {AUTH_CONFIG_FILE} is written by the tracking server's launcher)",
-    )
-    credentials_parser.add_argument("--credentials-dir", required=True, help="folder to write them to")
-    credentials_parser.set_defaults(handler=_run_credentials)
-
-    table_parser = commands.add_parser("table", help="print the permission table (Markdown)")
-    table_parser.set_defaults(handler=_run_table)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m stack.auth ...``: the same commands before ``stack.cli`` adds them."""
-    parser = argparse.ArgumentParser(prog="credit-risk")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def write_credentials(
+    directory: Path, environ: MutableMapping[str, str] = os.environ, per_identity_folders: bool = False
+) -> list[Path]:
+    """Every identity's credentials file and the server's secret key, without a server (for
+    Kubernetes Secrets): existing files are kept."""
+    directory = Path(directory)
+    admin_credentials(directory, environ)
+    for identity in policy.SERVICE_IDENTITIES:
+        ensure_credentials(directory, identity, per_identity_folders)
+    ensure_secret_key(directory)
+    files = [identity_file(directory, i, per_identity_folders) for i in policy.IDENTITIES]
+    return [*files, directory / SECRET_KEY_FILE]

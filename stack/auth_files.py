@@ -33,6 +33,7 @@ import os
 import secrets
 import tempfile
 from collections.abc import MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,7 +71,12 @@ class Credentials(NamedTuple):
         return f"{USERNAME_VARIABLE}={self.username}\n{PASSWORD_VARIABLE}={self.password}\n"
 
 
-def identity_file(directory: Path, identity: str) -> Path:
+def identity_file(directory: Path, identity: str, per_identity_folders: bool = False) -> Path:
+    """``<directory>/<identity>.env``; with ``per_identity_folders``, ``<directory>/<identity>/<identity>.env``
+    for every identity but admin, so that each folder can be its own volume or Secret mounted
+    into that identity's containers only. Admin's file stays beside the server's."""
+    if per_identity_folders and identity != ADMIN:
+        return Path(directory) / identity / f"{identity}.env"
     return Path(directory) / f"{identity}.env"
 
 
@@ -172,9 +178,9 @@ def generated_password() -> str:
     return secrets.token_urlsafe(_GENERATED_PASSWORD_BYTES)
 
 
-def ensure_credentials(directory: Path, identity: str) -> Credentials:
+def ensure_credentials(directory: Path, identity: str, per_identity_folders: bool = False) -> Credentials:
     """``identity``'s credentials from its file, made with a random password the first time."""
-    path = identity_file(directory, identity)
+    path = identity_file(directory, identity, per_identity_folders)
     if not path.exists():
         write_once(path, Credentials(identity, generated_password()).env_text())
     credentials = read_credentials(path)
@@ -278,6 +284,7 @@ def prepare_server(
     database_uri: str | None = None,
     config_path: Path | None = None,
     environ: MutableMapping[str, str] = os.environ,
+    cache_ttl_s: int = AUTH_CACHE_TTL_S,
 ) -> dict[str, str]:
     """Write what the tracking server needs before it starts with ``--app-name basic-auth``;
     return the variables to start it with. ``config_path`` may lie outside ``directory`` when
@@ -285,11 +292,30 @@ def prepare_server(
     directory = private_folder(directory)
     admin = admin_credentials(directory, environ).current
     config_path = Path(config_path or directory / AUTH_CONFIG_FILE)
-    replace_private(config_path, auth_config_text(database_uri or default_auth_database(directory), admin))
+    config = auth_config_text(database_uri or default_auth_database(directory), admin, cache_ttl_s)
+    replace_private(config_path, config)
     return {
         AUTH_CONFIG_VARIABLE: str(config_path.resolve()),
         SECRET_KEY_VARIABLE: ensure_secret_key(directory),
     }
+
+
+@contextmanager
+def using_credentials(path: Path, environ: MutableMapping[str, str] = os.environ):
+    """Within the block, MLflow's client in this process acts as the identity of the file at
+    ``path`` (``credit-risk up`` trains in-process as ``trainer``); the variables are put back
+    afterwards, so that processes started later do not inherit them."""
+    credentials = read_credentials(Path(path))
+    saved = {variable: environ.get(variable) for variable in (USERNAME_VARIABLE, PASSWORD_VARIABLE)}
+    environ[USERNAME_VARIABLE], environ[PASSWORD_VARIABLE] = credentials
+    try:
+        yield credentials
+    finally:
+        for variable, value in saved.items():
+            if value is None:
+                environ.pop(variable, None)
+            else:
+                environ[variable] = value
 
 
 def load_credentials(environ: MutableMapping[str, str] = os.environ) -> Credentials | None:

@@ -12,13 +12,21 @@ from pathlib import Path
 import httpx
 
 from stack import services
-from stack.auth_files import Credentials, default_auth_database, prepare_server, read_credentials
+from stack.auth_files import (
+    AUTH_CACHE_TTL_S,
+    Credentials,
+    default_auth_database,
+    prepare_server,
+    read_credentials,
+)
 from stack.processes import Service
 from stack.tracking_server import DEFAULT_WORKERS, MLFLOW_ENVIRONMENT
 from tests.helpers import BIN, free_port, running
 
 
-def auth_server_service(state_dir: Path, credentials_dir: Path, port: int, environ=None) -> Service:
+def auth_server_service(
+    state_dir: Path, credentials_dir: Path, port: int, environ=None, cache_ttl_s: int = AUTH_CACHE_TTL_S
+) -> Service:
     """``mlflow server --app-name basic-auth`` as the stack runs it (two workers, no job
     execution), SQLite for runs and for users, its ini and secret key in ``credentials_dir``."""
     store = (state_dir / "mlflow").resolve()
@@ -27,6 +35,7 @@ def auth_server_service(state_dir: Path, credentials_dir: Path, port: int, envir
         credentials_dir,
         default_auth_database(credentials_dir),
         environ=os.environ if environ is None else environ,
+        cache_ttl_s=cache_ttl_s,
     )
     command = [
         str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
@@ -39,10 +48,12 @@ def auth_server_service(state_dir: Path, credentials_dir: Path, port: int, envir
 
 
 @contextmanager
-def auth_tracking_server(state_dir: Path, credentials_dir: Path, environ=None):
+def auth_tracking_server(
+    state_dir: Path, credentials_dir: Path, environ=None, cache_ttl_s: int = AUTH_CACHE_TTL_S
+):
     """Yield the URI of a running basic-auth tracking server; always stopped afterwards."""
     port = free_port()
-    service = auth_server_service(state_dir, credentials_dir, port, environ)
+    service = auth_server_service(state_dir, credentials_dir, port, environ, cache_ttl_s)
     with running(service, state_dir, timeout=180):
         yield services.tracking_uri(port)
 

@@ -7,7 +7,7 @@ import os
 import stat
 
 from stack import auth_policy as policy
-from stack.auth import main
+from stack.auth_cli import main
 from stack.auth_files import read_credentials
 from tests.helpers import free_port
 
@@ -65,3 +65,11 @@ def test_policy_invariants():
     model_readers = {g.identity for g in policy.POLICY if g.resource == policy.MODEL}
     training_readers = {g.identity for g in policy.POLICY if g.resource == policy.TRAINING}
     assert model_readers == training_readers
+
+
+def test_credentials_in_per_identity_folders(tmp_path, capsys):
+    directory = tmp_path / "secrets"
+    assert main(["auth", "credentials", "--credentials-dir", str(directory), "--per-identity-folders"]) == 0
+    for identity in policy.SERVICE_IDENTITIES:
+        assert read_credentials(directory / identity / f"{identity}.env").username == identity
+    assert read_credentials(directory / "admin.env").username == "admin"

@@ -28,6 +28,7 @@ from stack.auth_files import (
     read_credentials,
     record_admin,
     unauthorized_message,
+    using_credentials,
 )
 
 PASSWORD = "a-long-enough-password-%:#;=x"
@@ -209,3 +210,31 @@ def test_unauthorized_message_says_what_to_set():
         uri, {"MLFLOW_TRACKING_USERNAME": "x", "MLFLOW_TRACKING_PASSWORD": PASSWORD}
     )
     assert "refused the credentials of 'x'" in message and PASSWORD not in message
+
+
+def test_using_credentials_puts_the_variables_back(tmp_path):
+    path = identity_file(tmp_path, "trainer")
+    path.write_text(Credentials("trainer", PASSWORD).env_text())
+    environ = {"MLFLOW_TRACKING_URI": "http://x"}
+    with using_credentials(path, environ) as credentials:
+        assert credentials.username == "trainer"
+        assert (environ["MLFLOW_TRACKING_USERNAME"], environ["MLFLOW_TRACKING_PASSWORD"]) == (
+            "trainer",
+            PASSWORD,
+        )
+    assert environ == {"MLFLOW_TRACKING_URI": "http://x"}
+    environ["MLFLOW_TRACKING_USERNAME"] = "someone"
+    with pytest.raises(RuntimeError), using_credentials(path, environ):
+        raise RuntimeError("training failed")
+    assert environ == {"MLFLOW_TRACKING_URI": "http://x", "MLFLOW_TRACKING_USERNAME": "someone"}
+
+
+def test_per_identity_folders(tmp_path):
+    """One folder per identity (one volume or Secret each); admin's file stays at the top."""
+    assert (
+        identity_file(tmp_path, "serving", per_identity_folders=True) == tmp_path / "serving" / "serving.env"
+    )
+    assert identity_file(tmp_path, "admin", per_identity_folders=True) == tmp_path / "admin.env"
+    credentials = ensure_credentials(tmp_path, "serving", per_identity_folders=True)
+    assert read_credentials(tmp_path / "serving" / "serving.env") == credentials
+    assert _mode(tmp_path / "serving") == 0o700

@@ -759,3 +759,19 @@ def test_admin_password_follows_the_environment(auth_stack):
     # The old password is refused once the workers' credential caches forget it (60 s at most).
     assert provision(auth_stack.uri, auth_stack.credentials_dir, environ={}).changes == []
     assert old.password != new
+
+
+def test_per_identity_folders_hold_the_same_identities(auth_stack, tmp_path):
+    """The layout compose and Kubernetes mount (one volume or Secret per identity) provisions
+    the same users: the same passwords in other places change nothing."""
+    nested = tmp_path / "auth"
+    nested.mkdir()
+    shutil.copy2(identity_file(auth_stack.credentials_dir, policy.ADMIN), nested / "admin.env")
+    for identity in policy.SERVICE_IDENTITIES:
+        (nested / identity).mkdir()
+        shutil.copy2(
+            identity_file(auth_stack.credentials_dir, identity), nested / identity / f"{identity}.env"
+        )
+    report = provision(auth_stack.uri, nested, environ={}, per_identity_folders=True)
+    assert report.changes == []
+    assert sorted(p.name for p in nested.iterdir()) == sorted(["admin.env", *policy.SERVICE_IDENTITIES])
