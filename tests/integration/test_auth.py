@@ -775,3 +775,66 @@ def test_per_identity_folders_hold_the_same_identities(auth_stack, tmp_path):
     report = provision(auth_stack.uri, nested, environ={}, per_identity_folders=True)
     assert report.changes == []
     assert sorted(p.name for p in nested.iterdir()) == sorted(["admin.env", *policy.SERVICE_IDENTITIES])
+
+
+def test_editors_of_the_model_may_rename_it(auth_stack):
+    """MLflow 3.17 checks a rename as an update: EDIT on the registered model allows it (and
+    moves every grant to the new name). Said in the table's notes; renamed back here."""
+    trainer, admin = auth_stack.as_(policy.TRAINER), auth_stack.as_(policy.ADMIN)
+    _ok(
+        trainer.post("/api/2.0/mlflow/registered-models/rename", name=NAME, new_name=f"{NAME}-renamed"),
+        "rename",
+    )
+    try:
+        serving = auth_stack.as_(policy.SERVING)
+        # serving's grant moved with the name: it reads the renamed model, and nothing answers at
+        # the old name (403 rather than 404: MLflow does not say what exists to those without a grant).
+        assert serving.get("/api/2.0/mlflow/registered-models/get", name=f"{NAME}-renamed").status_code == 200
+        assert serving.get("/api/2.0/mlflow/registered-models/get", name=NAME).status_code == 403
+    finally:
+        _ok(
+            admin.post("/api/2.0/mlflow/registered-models/rename", name=f"{NAME}-renamed", new_name=NAME),
+            "back",
+        )
+    _assert_grants_are_the_tables(
+        auth_stack, elsewhere={(policy.OPERATOR, policy.EXPERIMENT, _someone_elses(auth_stack), "READ")}
+    )
+
+
+def _someone_elses(auth_stack) -> str:
+    found = auth_stack.as_(policy.ADMIN).get(
+        "/api/2.0/mlflow/experiments/get-by-name", experiment_name="someone-elses"
+    )
+    return found.json()["experiment"]["experiment_id"] if found.status_code == 200 else "none"
+
+
+def test_any_identity_may_create_experiments_and_all_but_the_sidecar_models(auth_stack):
+    """With workspaces off (this stack), MLflow 3.17 lets every authenticated user create
+    experiments and registered models, and makes it their MANAGE owner; only a wildcard DENY
+    refuses it, which would also override every grant of the type. None of this reaches the
+    stack's resources; provisioning reports such grants and leaves them."""
+    for identity in policy.SERVICE_IDENTITIES:
+        client = auth_stack.as_(identity)
+        experiment = client.post("/api/2.0/mlflow/experiments/create", name=f"made-by-{identity}")
+        model = client.post("/api/2.0/mlflow/registered-models/create", name=f"made-by-{identity}")
+        assert experiment.status_code == 200, identity
+        assert model.status_code == (403 if identity == policy.SIDECAR else 200), identity
+    notes = provision(auth_stack.uri, auth_stack.credentials_dir, environ={}).notes
+    assert (
+        "serving: holds MANAGE on registered_model 'made-by-serving', not this stack's; left in place"
+        in notes
+    )
+    assert any(n.startswith("sidecar: holds MANAGE on experiment") for n in notes)
+
+
+def test_a_deleted_experiment_is_restored_by_provisioning(auth_stack):
+    """Deleting or restoring an experiment needs MANAGE: only the admin, so the sidecar can no
+    longer restore the inference experiment itself; provisioning does."""
+    admin, sidecar = auth_stack.as_(policy.ADMIN), auth_stack.as_(policy.SIDECAR)
+    experiment_id = auth_stack.experiments[policy.INFERENCE]
+    _ok(admin.post("/api/2.0/mlflow/experiments/delete", experiment_id=experiment_id), "delete")
+    assert sidecar.post("/api/2.0/mlflow/experiments/restore", experiment_id=experiment_id).status_code == 403
+    report = provision(auth_stack.uri, auth_stack.credentials_dir, environ={})
+    name = policy.Names().inference
+    assert report.changes == [f"experiment {name!r}: restored ({experiment_id}), it had been deleted"]
+    _ok(sidecar.post("/api/2.0/mlflow/runs/create", experiment_id=experiment_id), "ship again")
