@@ -102,7 +102,8 @@ POLICY: tuple[Grant, ...] = (
         EXPERIMENT,
         TRAINING,
         EDIT,
-        "train: create runs, log parameters, metrics, artifacts and models, set run and experiment tags",
+        "train: create runs, log parameters, metrics, artifacts and models, set run and experiment tags; "
+        "also (any EDIT) rename the experiment and change any of its runs",
         "delete or restore runs or the experiment, grant permissions",
     ),
     Grant(
@@ -110,7 +111,8 @@ POLICY: tuple[Grant, ...] = (
         REGISTERED_MODEL,
         MODEL,
         EDIT,
-        "register versions, tag them, move stage Production and alias production (the gate)",
+        "register versions, tag them, move stage Production and alias production (the gate); "
+        "also (any EDIT) rename the model",
         "delete versions, version tags, aliases or the model",
     ),
     Grant(
@@ -134,7 +136,8 @@ POLICY: tuple[Grant, ...] = (
         REGISTERED_MODEL,
         MODEL,
         EDIT,
-        "promote and rollback (stage, alias, promotion tags), status",
+        "promote and rollback (stage, alias, promotion tags), status; also (any EDIT) register a version "
+        "from a run it can read, rename the model",
         "delete versions, version tags, aliases or the model",
     ),
     Grant(
@@ -150,7 +153,7 @@ POLICY: tuple[Grant, ...] = (
         EXPERIMENT,
         OUTCOMES,
         EDIT,
-        "ingest outcomes: create runs, log outcome files",
+        "ingest outcomes: create runs, log outcome files; also (any EDIT) rename the experiment, change its runs",
         "delete or restore runs or the experiment",
     ),
     Grant(
@@ -174,7 +177,8 @@ POLICY: tuple[Grant, ...] = (
         EXPERIMENT,
         INFERENCE,
         EDIT,
-        "ship records: create runs, log record batches and metrics",
+        "ship records: create runs, log record batches and metrics; also (any EDIT) rename the experiment, "
+        "change any record run",
         "delete or restore runs or the experiment",
     ),
     Grant(
@@ -193,7 +197,7 @@ POLICY: tuple[Grant, ...] = (
         EXPERIMENT,
         MONITORING,
         EDIT,
-        "log monitoring runs: metrics, reports",
+        "log monitoring runs: metrics, reports; also (any EDIT) rename the experiment, change its runs",
         "delete or restore runs or the experiment",
     ),
     Grant(

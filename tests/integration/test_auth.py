@@ -503,6 +503,16 @@ def test_operator_promotes_rolls_back_and_writes_only_outcomes(auth_stack):
         ),
     }
     assert {k: r.status_code for k, r in refused.items()} == dict.fromkeys(refused, 403)
+    # EDIT on the model includes registering versions from any run the operator can read: which
+    # is why a version's integrity record is anchored in the training experiment, not the registry.
+    version = _ok(client.get("/api/2.0/mlflow/model-versions/get", name=NAME, version="1"), "v1")[
+        "model_version"
+    ]
+    lineage = {"run_id": version["run_id"], "model_id": version["source"].removeprefix("models:/")}
+    _ok(
+        client.post("/api/2.0/mlflow/model-versions/create", name=NAME, source=version["source"], **lineage),
+        "v3",
+    )
 
 
 def test_only_admin_sidecar_and_named_readers_read_the_inference_records(auth_stack):
