@@ -36,11 +36,9 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from model import scoring  # noqa: E402
-from model.identity import REGISTERED_MODEL_NAME  # noqa: E402
+from model.identity import HELD_OUT_ARTIFACT, REGISTERED_MODEL_NAME  # noqa: E402
 from model.integrity import MODEL_DIR, RUN_DIR, build_manifest, verify  # noqa: E402
 from tests.helpers import SAMPLE, credit_risk, mlflow_tracking_server  # noqa: E402
-
-HELD_OUT = "evaluation/held_out.parquet"  # training.train.HELD_OUT_ARTIFACT
 
 
 def download(uri: str, version: str, destination: Path) -> Path:
@@ -53,8 +51,8 @@ def download(uri: str, version: str, destination: Path) -> Path:
     staging.rmdir()
     mlflow.artifacts.download_artifacts(
         run_id=client.get_model_version(REGISTERED_MODEL_NAME, version).run_id,
-        artifact_path=HELD_OUT,
-        dst_path=str(destination / RUN_DIR / Path(HELD_OUT).parent),
+        artifact_path=HELD_OUT_ARTIFACT,
+        dst_path=str(destination / RUN_DIR / Path(HELD_OUT_ARTIFACT).parent),
         tracking_uri=uri,
     )
     return destination

@@ -32,9 +32,12 @@ from threadpoolctl import threadpool_limits
 import model
 from model.identity import (
     DATASET_HASH,
+    HELD_OUT_ARTIFACT,
     PRODUCTION_STAGE,
+    REFERENCE_SAMPLE_ARTIFACT,
     REGISTERED_MODEL_NAME,
     TEST_ROC_AUC_TAG,
+    THRESHOLD_METRIC,
     TRAINING_CONFIG_TAG,
 )
 from model.pyfunc import (
@@ -55,7 +58,6 @@ from training.split import ContentSplit
 
 # Exact versions of what the model needs at load time, read from this (locked) environment.
 _MODEL_REQUIREMENTS = ("mlflow", "scikit-learn", "pandas", "numpy", "joblib", "cloudpickle")
-HELD_OUT_ARTIFACT = "evaluation/held_out.parquet"
 
 
 @dataclass(frozen=True)
@@ -186,9 +188,9 @@ def _log_reference_sample(features: pd.DataFrame, target: pd.Series, rows: int, 
     if len(sample) > rows:
         sample = sample.sample(n=rows, random_state=seed)
     with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "training_sample.parquet"
+        path = Path(directory) / Path(REFERENCE_SAMPLE_ARTIFACT).name
         sample.to_parquet(path)
-        mlflow.log_artifact(str(path), "reference")
+        mlflow.log_artifact(str(path), str(Path(REFERENCE_SAMPLE_ARTIFACT).parent))
 
 
 def _log_model(pipeline, threshold: float, data: TrainingData, example: pd.DataFrame):
@@ -303,7 +305,7 @@ def _fit_and_choose_threshold(pipeline, split: Split, parameters: TrainingParame
         )
         threshold = evaluation.f1_optimal_threshold(split.y_train.to_numpy(), out_of_fold)
     mean, std = float(np.mean(fold_scores)), float(np.std(fold_scores))
-    mlflow.log_metrics({"cv_roc_auc_mean": mean, "cv_roc_auc_std": std, "threshold": threshold})
+    mlflow.log_metrics({"cv_roc_auc_mean": mean, "cv_roc_auc_std": std, THRESHOLD_METRIC: threshold})
     print(f"  CV ROC AUC {mean:.4f} ± {std:.4f}; threshold {threshold:.4f} (best F1 out of fold)")
     return fitted, threshold
 

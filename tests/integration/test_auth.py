@@ -24,7 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from model import scoring
-from model.identity import PRODUCTION_ALIAS, PRODUCTION_STAGE, REGISTERED_MODEL_NAME
+from model.identity import HELD_OUT_ARTIFACT, PRODUCTION_ALIAS, PRODUCTION_STAGE, REGISTERED_MODEL_NAME
 from model.integrity import MODEL_DIR, RUN_DIR, IntegrityError, build_manifest, verify
 from model.schema import FEATURES
 from stack import auth_policy as policy
@@ -36,7 +36,6 @@ from tests.helpers import BIN, SAMPLE, free_port, mlflow_tracking_server
 pytestmark = pytest.mark.integration
 
 NAME = REGISTERED_MODEL_NAME
-HELD_OUT = "evaluation/held_out.parquet"  # training.train.HELD_OUT_ARTIFACT
 RECORD = b"request_id,row,probability\nreq-1,0,0.12\n"
 OUTCOME = b"request_id,row,outcome\nreq-1,0,1\n"
 
@@ -209,7 +208,7 @@ def test_anonymous_requests_get_401_and_health_answers(auth_stack):
             auth_stack.artifact(policy.INFERENCE, auth_stack.record_run, "records/batch-1.csv")
         ),
         "overwrite artifact": anonymous.put_artifact(
-            auth_stack.artifact(policy.TRAINING, auth_stack.training_run, HELD_OUT), b"x"
+            auth_stack.artifact(policy.TRAINING, auth_stack.training_run, HELD_OUT_ARTIFACT), b"x"
         ),
         "who am I": anonymous.get("/api/2.0/mlflow/users/current"),
         "UI": anonymous.get("/"),
@@ -307,7 +306,7 @@ def test_serving_reads_the_model_and_cannot_change_what_is_served(auth_stack):
         ),
         "rename model": serving.post("/api/2.0/mlflow/registered-models/rename", name=NAME, new_name="x"),
         "overwrite a model file": serving.put_artifact(
-            auth_stack.artifact(policy.TRAINING, auth_stack.training_run, HELD_OUT), b"x"
+            auth_stack.artifact(policy.TRAINING, auth_stack.training_run, HELD_OUT_ARTIFACT), b"x"
         ),
     }
     assert {k: r.status_code for k, r in refused.items()} == dict.fromkeys(refused, 403)
@@ -499,7 +498,7 @@ def test_operator_promotes_rolls_back_and_writes_only_outcomes(auth_stack):
             "/api/2.0/mlflow/experiments/get", experiment_id=auth_stack.experiments[policy.INFERENCE]
         ),
         "overwrite a model file": client.put_artifact(
-            auth_stack.artifact(policy.TRAINING, auth_stack.training_run, HELD_OUT), b"x"
+            auth_stack.artifact(policy.TRAINING, auth_stack.training_run, HELD_OUT_ARTIFACT), b"x"
         ),
     }
     assert {k: r.status_code for k, r in refused.items()} == dict.fromkeys(refused, 403)
@@ -562,8 +561,8 @@ def _download_as_serving_would(auth_stack, version: str, destination: Path, monk
     staging.rmdir()
     mlflow.artifacts.download_artifacts(
         run_id=run_id,
-        artifact_path=HELD_OUT,
-        dst_path=str(destination / RUN_DIR / Path(HELD_OUT).parent),
+        artifact_path=HELD_OUT_ARTIFACT,
+        dst_path=str(destination / RUN_DIR / Path(HELD_OUT_ARTIFACT).parent),
         tracking_uri=auth_stack.uri,
     )
     return destination
@@ -573,13 +572,17 @@ def test_downloaded_version_verifies_loads_and_answers_as_trained(auth_stack, tm
     folder = _download_as_serving_would(auth_stack, "1", tmp_path / "v1", monkeypatch)
     manifest = build_manifest(folder)
     paths = set(manifest.files)
-    assert {f"{MODEL_DIR}/MLmodel", f"{MODEL_DIR}/python_model.pkl", f"{RUN_DIR}/{HELD_OUT}"} <= paths
+    assert {
+        f"{MODEL_DIR}/MLmodel",
+        f"{MODEL_DIR}/python_model.pkl",
+        f"{RUN_DIR}/{HELD_OUT_ARTIFACT}",
+    } <= paths
     assert f"{MODEL_DIR}/artifacts/pipeline.joblib" in paths and f"{MODEL_DIR}/code/model/pyfunc.py" in paths
     assert not any(p.endswith("registered_model_meta") for p in paths)
     verify(folder, manifest)
     # Loaded from the verified folder alone, it answers its held-out rows as training did.
     loaded = scoring.load(str(folder / MODEL_DIR))
-    held_out = pd.read_parquet(folder / RUN_DIR / HELD_OUT)
+    held_out = pd.read_parquet(folder / RUN_DIR / HELD_OUT_ARTIFACT)
     _, probability = loaded.score_frame(held_out[list(FEATURES)])
     assert np.array_equal(probability, held_out["probability"].to_numpy())
 
@@ -589,7 +592,7 @@ def test_downloaded_version_tampered_missing_or_extra_is_named(auth_stack, tmp_p
     manifest = build_manifest(folder)
     cases = {
         "tampered": (f"{MODEL_DIR}/python_model.pkl", "content differs"),
-        "missing": (f"{RUN_DIR}/{HELD_OUT}", "missing"),
+        "missing": (f"{RUN_DIR}/{HELD_OUT_ARTIFACT}", "missing"),
         "extra": (f"{MODEL_DIR}/code/model/sitecustomize.py", "extra"),
     }
     for case, (path, problem) in cases.items():
