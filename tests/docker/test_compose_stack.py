@@ -15,7 +15,6 @@ import uuid
 
 import httpx
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.reader import read_records
@@ -204,7 +203,10 @@ def test_a_promotion_while_up_is_served_without_a_restart(compose):
 
 
 def _as_docker_run_flags(pod: dict, container: dict) -> list[str]:
-    """The manifest's security context and emptyDir mounts, as `docker run` flags."""
+    """The manifest's security context, memory limit and emptyDir mounts (as tmpfs of their
+    sizeLimit), as `docker run` flags."""
+    from tests.test_kubernetes_manifests import _bytes
+
     pod_context, context = pod["securityContext"], container["securityContext"]
     flags = ["--user", f"{pod_context['runAsUser']}:{pod_context['runAsGroup']}"]
     flags += [f"--cap-drop={capability}" for capability in context["capabilities"]["drop"]]
@@ -212,9 +214,14 @@ def _as_docker_run_flags(pod: dict, container: dict) -> list[str]:
         flags.append("--read-only")
     if context["allowPrivilegeEscalation"] is False:
         flags += ["--security-opt", "no-new-privileges"]
-    scratch = {volume["name"] for volume in pod["volumes"] if "emptyDir" in volume}
+    memory = _bytes(container["resources"]["limits"]["memory"])
+    flags += [f"--memory={memory}", f"--memory-swap={memory}"]
+    scratch = {volume["name"]: volume["emptyDir"] for volume in pod["volumes"] if "emptyDir" in volume}
     flags += [
-        arg for m in container["volumeMounts"] if m["name"] in scratch for arg in ("--tmpfs", m["mountPath"])
+        arg
+        for m in container["volumeMounts"]
+        if m["name"] in scratch
+        for arg in ("--tmpfs", f"{m['mountPath']}:size={_bytes(scratch[m['name']]['sizeLimit'])}")
     ]
     return flags
 
@@ -297,15 +304,15 @@ def test_the_kubernetes_serving_pod_runs_under_its_security_context(compose):
 
 def test_the_kubernetes_database_pod_runs_under_its_security_context():
     """deploy/kubernetes/11-db.yaml's PostgreSQL as docker can run it: the manifest's user,
-    read-only root, no capabilities, emptyDir scratch folders and a data volume; it
-    initialises, answers the manifest's probe command, and stops cleanly."""
-    from tests.test_kubernetes_manifests import _container, _pod_specs
+    read-only root, no capabilities, emptyDir scratch folders and a data volume, and the Secret
+    `db` as the documented command makes it; it initialises, answers the manifest's probe
+    command, and stops cleanly."""
+    from tests.test_kubernetes_manifests import _container, _pod_specs, documented_db_secret
 
     if not _docker_usable():  # a failure under CI (tests/conftest.py)
         pytest.skip("no usable Docker engine with Compose v2")
     pod, container = _pod_specs()["db"], _container("db", "db")
-    secret = yaml.safe_load((REPO / "deploy" / "kubernetes" / "10-db-secret.yaml").read_text())
-    env = {**secret["stringData"], **{e["name"]: e["value"] for e in container["env"]}}
+    env = {**documented_db_secret(), **{e["name"]: e["value"] for e in container["env"]}}
     name = f"credit-risk-test-db-{uuid.uuid4().hex[:8]}"
     [data] = [m for m in container["volumeMounts"] if m["name"] == "data"]
     try:
