@@ -1,5 +1,6 @@
 """`docker compose up` for real: build, health in order, inference, records, restarts, with
-MLflow's runs and registry in the `db` service's PostgreSQL.
+MLflow's runs and registry in the `db` service's PostgreSQL, a database password that no
+`docker inspect` shows, and the hardening each container claims.
 
 Runs under its own project name, image tag and free published ports, so it never touches a
 user's stack, and removes everything it created (containers, volumes, network, images).
@@ -47,11 +48,15 @@ class Compose:
             name: free_port()
             for name in ("MLFLOW_PORT", "MLSERVER_HTTP_PORT", "MLSERVER_GRPC_PORT", "MLSERVER_METRICS_PORT")
         }
+        # Characters a URI would need escaped: the password travels only as files.
+        self.password_marker = uuid.uuid4().hex
+        self.db_password = f"{self.password_marker}:@/\\%"
         self.env = {
             **os.environ,
             **{k: str(v) for k, v in self.ports.items()},
             "CREDIT_RISK_IMAGE_TAG": f"test-{suffix}",
             "CREDIT_RISK_FLUSH_INTERVAL_S": "2",
+            "POSTGRES_PASSWORD": self.db_password,
         }
         self.images = [f"credit-risk-{kind}:test-{suffix}" for kind in ("train", "serve")]
         self.mlflow_url = f"http://127.0.0.1:{self.ports['MLFLOW_PORT']}"
@@ -174,6 +179,55 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
         first |= more
         records = compose.wait_for_records(first)
         assert len(records) == 2 * len(first), how  # nothing lost, nothing twice
+
+
+def test_no_container_shows_the_database_password(compose):
+    """Every container of the running stack, the one-shot ones included: the password is in no
+    `docker inspect` (environment, command, labels, mounts); each runs as compose claims
+    (read-only root, no capabilities, no privilege gain, its memory limit); the password files
+    belong to their one reader; and the database takes that password, and only that one."""
+    compose.up()
+    config = json.loads(compose.run("config", "--format", "json").stdout)["services"]
+    containers = compose.run("ps", "--all", "--quiet").stdout.split()
+    assert len(containers) == len(config), containers
+    for container in containers:
+        raw = subprocess.run(
+            ["docker", "inspect", container], capture_output=True, text=True, check=True
+        ).stdout
+        assert compose.password_marker not in raw, container
+        [inspect] = json.loads(raw)
+        service = inspect["Config"]["Labels"]["com.docker.compose.service"]
+        for variable in inspect["Config"]["Env"]:
+            name = variable.split("=", 1)[0]
+            assert "PASSWORD" not in name or name.endswith("_FILE"), (service, name)
+        host = inspect["HostConfig"]
+        assert host["ReadonlyRootfs"] is config[service].get("read_only", False), service
+        assert host["CapDrop"] == ["ALL"], service
+        added = [capability.removeprefix("CAP_") for capability in host["CapAdd"] or []]  # Docker adds CAP_
+        assert added == config[service].get("cap_add", []), service
+        assert "no-new-privileges:true" in host["SecurityOpt"], service
+        assert host["Memory"] == host["MemorySwap"] == int(config[service]["mem_limit"]), service
+    owners = {
+        ("db", "db-password"): "999 400",
+        ("mlflow", "pgpass"): "10001 600",
+    }
+    for (service, name), expected in owners.items():
+        path = f"/run/credit-risk/credentials/{name}"
+        assert compose.run("exec", "-T", service, "stat", "-c", "%u %a", path).stdout.strip() == expected
+    # Over the network (host `db`, the container's own address): loopback is `trust` in the
+    # image's pg_hba.conf, and no other client connects that way.
+    psql = [
+        "psql",
+        "--host=db",
+        "--username=mlflow",
+        "--dbname=mlflow",
+        "--no-password",
+        "--command=SELECT 1",
+    ]
+    right = compose.run("exec", "-T", "-e", f"PGPASSWORD={compose.db_password}", "db", *psql, check=False)
+    assert right.returncode == 0, right.stderr
+    wrong = compose.run("exec", "-T", "-e", "PGPASSWORD=mlflow", "db", *psql, check=False)
+    assert "password authentication failed" in wrong.stderr, wrong
 
 
 def _started_at(compose: Compose, service: str) -> str:
