@@ -1,5 +1,5 @@
-"""``credit-risk sidecar`` (ship the spool to MLflow), ``credit-risk records`` (read back) and
-``credit-risk records prune`` (delete past a retention window).
+"""``credit-risk sidecar`` (ship the spool to MLflow, or ``--drain-once``), ``credit-risk
+records`` (read back) and ``credit-risk records prune`` (delete past a retention window).
 
 The only place that builds the fault-point hook (tests only) from the settings.
 """
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -69,6 +71,13 @@ def add_parser(subparsers) -> None:
     sidecar.add_argument(
         "--port", type=_port, help="health and metrics port (CREDIT_RISK_SIDECAR_PORT, default 8083)"
     )
+    sidecar.add_argument(
+        "--drain-once",
+        action="store_true",
+        help="ship everything in the spool and exit: 0 once it is empty; 1 with one error line "
+        "when another sidecar or a live server uses it, or nothing could be shipped for "
+        "CREDIT_RISK_STALL_AFTER_S (for a volume a removed replica left behind; no HTTP)",
+    )
     sidecar.set_defaults(handler=run_sidecar)
 
     records = subparsers.add_parser(
@@ -108,7 +117,8 @@ def add_parser(subparsers) -> None:
 def run_sidecar(args) -> int:
     """0 after a SIGTERM drain; 1 when another sidecar holds the spool or an unexpected error
     stopped the loop (logged with its traceback), so that a supervisor restarts it. Bad
-    settings raise ``pydantic.ValidationError`` (exit 2, naming the variables)."""
+    settings raise ``pydantic.ValidationError`` (exit 2, naming the variables).
+    ``--drain-once``: see ``drain_once``."""
     from logging_sidecar.service import SpoolBusy
     from logging_sidecar.service import run_sidecar as run
     from logging_sidecar.settings import SidecarSettings
@@ -120,6 +130,8 @@ def run_sidecar(args) -> int:
     if args.port is not None:
         flags["port"] = args.port
     settings = SidecarSettings(**flags)
+    if args.drain_once:
+        return drain_once(settings)
     _log_to(sys.stdout)
     try:
         run(settings, _fault_hook(settings))
@@ -129,6 +141,48 @@ def run_sidecar(args) -> int:
     except Exception:
         logging.getLogger("credit_risk.sidecar").exception("sidecar stopped by an unexpected error; exit 1")
         return 1
+    return 0
+
+
+def drain_once(settings) -> int:
+    """0 when the spool is empty; 1 (one ``error:`` line) when it is in use by another
+    process or could not be emptied; 2 when the spool folder does not exist."""
+    from logging_sidecar.dead_letters import DEAD_LETTER_FILE
+    from logging_sidecar.drain_once import SpoolInUse
+    from logging_sidecar.drain_once import drain_once as drain
+    from logging_sidecar.service import SpoolBusy
+
+    spool = settings.spool.directory
+    if not spool.is_dir():
+        print(
+            f"error: spool folder {spool} does not exist (--spool-dir / CREDIT_RISK_SPOOL_DIR)",
+            file=sys.stderr,
+        )
+        return 2
+    _log_to(sys.stdout)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        drained = drain(settings, _fault_hook(settings), stop)
+    except (SpoolBusy, SpoolInUse) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception:
+        logging.getLogger("credit_risk.sidecar").exception("drain stopped by an unexpected error; exit 1")
+        return 1
+    if drained.reason is not None:
+        print(
+            f"error: {drained.left} records left in {spool} after shipping {drained.shipped}: "
+            f"{drained.reason}; run it again to go on",
+            file=sys.stderr,
+        )
+        return 1
+    summary = f"drained {spool}: shipped {drained.shipped} records, no segment left"
+    dead_letters = spool / DEAD_LETTER_FILE
+    if dead_letters.exists() and (lines := dead_letters.read_bytes().count(b"\n")):
+        summary += f"; {lines} dead letters (lines that can never ship) stay in {dead_letters} for inspection"
+    print(summary)
     return 0
 
 

@@ -1,7 +1,8 @@
 """The sidecar's loop: read the spool, plan a flush, ship it, commit it; back off after a
 failure; drain on SIGTERM. Each step also has the janitor keep the spool bounded and clean,
 applies the retention when one is set and due (never while draining), and ends by publishing
-a health snapshot. One sidecar per spool (``lock_spool``).
+a health snapshot. One sidecar per spool (``lock_spool``). ``logging_sidecar.drain_once``
+runs the same steps until the spool is empty, for a volume no server writes any more.
 
 Delivery is at least once (a flush is committed only after MLflow accepted all of it) and
 exactly once as seen by a reader (a replayed flush rewrites the same artifact names; the
@@ -317,6 +318,16 @@ class Sidecar:
         else:
             logger.info("drain: everything shipped")
         return left
+
+    def emptied(self) -> bool:
+        """Nothing left to ship: no planned flush, nothing read and unplanned, every segment
+        read to its end and deleted (as finished) by the last sweep."""
+        return (
+            self._inflight is None
+            and self.backlog.empty
+            and self.backlog.caught_up
+            and not list_segments(self.spool)
+        )
 
     def unshipped_estimate(self) -> int:
         """Rows pending or planned, plus request lines not yet read (one row or more each)."""
