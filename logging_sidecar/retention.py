@@ -42,7 +42,7 @@ from mlflow.tracking import MlflowClient
 from logging_sidecar.dead_letters import prune_dead_letters
 from logging_sidecar.faults import FaultHook, no_faults
 from logging_sidecar.metrics import SidecarMetrics
-from logging_sidecar.shipper import PRUNING_TAG, RECORDS_DIR, RUN_KEY_TAG
+from logging_sidecar.shipper import PRUNING_TAG, RECORDS_DIR, RUN_KEY_TAG, refused
 from model.identity import utc_timestamp
 
 logger = logging.getLogger("credit_risk.sidecar")
@@ -132,17 +132,21 @@ class RecordPruner:
         try:
             self._client.set_tag(run.info.run_id, PRUNING_TAG, utc_timestamp())
         except MlflowException:
-            if self._is_active(run.info.run_id):
+            # Another prune may have marked it at the same moment (MLflow's tag upsert then
+            # fails on its unique key) or deleted it: what matters is the run's state now.
+            now = self._current(run.info.run_id)
+            if now is None or now.info.lifecycle_stage != LifecycleStage.ACTIVE:
+                return False
+            if PRUNING_TAG not in now.data.tags:
                 raise
-            return False
         return True
 
-    def _is_active(self, run_id: str) -> bool:
+    def _current(self, run_id: str) -> Run | None:
         try:
-            return self._client.get_run(run_id).info.lifecycle_stage == LifecycleStage.ACTIVE
+            return self._client.get_run(run_id)
         except MlflowException as error:
             if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return False
+                return None
             raise
 
     def _delete_files(self, run: Run) -> int:
@@ -189,7 +193,8 @@ class RetentionSchedule:
         except (MlflowException, OSError, PruneIncomplete) as error:  # MLflow down, disk full: later
             self.last_error = f"{type(error).__name__}: {error}"
             self._metrics.prune_failures.inc()
-            wait = min(self.RETRY_S, self.every_s)
+            # Refused (an identity without MANAGE on the experiment) is no outage: not every minute.
+            wait = self.every_s if refused(error) else min(self.RETRY_S, self.every_s)
             self._next_at = time.monotonic() + wait
             logger.warning(f"retention: prune failed, retrying in {wait:.0f} s: {self.last_error}")
             return

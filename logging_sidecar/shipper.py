@@ -57,6 +57,14 @@ def _missing(error: MlflowException) -> bool:
     return error.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
+def refused(error: Exception) -> bool:
+    """MLflow (or its artifact proxy, whose errors are ``requests.HTTPError``) said no to this
+    identity: 401 or 403."""
+    if isinstance(error, MlflowException):
+        return error.get_http_status_code() in (401, 403)
+    return getattr(getattr(error, "response", None), "status_code", None) in (401, 403)
+
+
 def is_pruned(run: Run) -> bool:
     """Marked by retention, or already deleted: no reader or shipper may use its files."""
     return run.info.lifecycle_stage == LifecycleStage.DELETED or PRUNING_TAG in run.data.tags
@@ -159,8 +167,19 @@ class Shipper:
             raise
 
     def _delete_batch(self, run: Run, name: str) -> None:
+        """Delete this shipper's own upload from a run being pruned. Without the right to
+        (an identity with EDIT but not MANAGE on the experiment), say so and go on: the prune,
+        which needs MANAGE anyway, deletes it if the run is still marked, ``mlflow gc`` if not."""
         repository = get_artifact_repository(run.info.artifact_uri, tracking_uri=self._client.tracking_uri)
-        repository.delete_artifacts(f"{RECORDS_DIR}/{name}")
+        try:
+            repository.delete_artifacts(f"{RECORDS_DIR}/{name}")
+        except (MlflowException, OSError) as error:  # requests.HTTPError is an OSError
+            if not refused(error):
+                raise
+            logger.error(
+                f"not allowed to delete {RECORDS_DIR}/{name} from run {run.info.run_id}, which is being "
+                f"pruned ({error}); it stays there until a prune or `mlflow gc` deletes it"
+            )
 
     def _upload(self, key: RunKey, path: Path, past_day: bool) -> str:
         """Upload a batch into its key's run; returns the run. A batch of a past day is checked
