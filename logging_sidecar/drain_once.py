@@ -51,7 +51,9 @@ def _refuse_live_writers(spool) -> None:
         )
 
 
-def drain_once(settings: SidecarSettings, faults: FaultHook = no_faults, stop: threading.Event | None = None):
+def drain_once(
+    settings: SidecarSettings, faults: FaultHook = no_faults, stop: threading.Event | None = None
+) -> Drained:
     """Ship the spool until it is empty; raises ``SpoolBusy`` or ``SpoolInUse`` before
     shipping anything when another process uses it."""
     stop = stop or threading.Event()

@@ -179,7 +179,6 @@ class RetentionSchedule:
         self.days, self.every_s = days, every_s
         self._pruner, self._spool, self._metrics = pruner, spool, metrics
         self._next_at = 0.0  # monotonic
-        self.last_error: str | None = None
 
     def run_if_due(self) -> None:
         if time.monotonic() < self._next_at:
@@ -191,14 +190,14 @@ class RetentionSchedule:
             )
             result = self._pruner.prune(self.days, now=now, limit=self.RUNS_PER_PASS)
         except (MlflowException, OSError, PruneIncomplete) as error:  # MLflow down, disk full: later
-            self.last_error = f"{type(error).__name__}: {error}"
             self._metrics.prune_failures.inc()
             # Refused (an identity without MANAGE on the experiment) is no outage: not every minute.
             wait = self.every_s if refused(error) else min(self.RETRY_S, self.every_s)
             self._next_at = time.monotonic() + wait
-            logger.warning(f"retention: prune failed, retrying in {wait:.0f} s: {self.last_error}")
+            logger.warning(
+                f"retention: prune failed, retrying in {wait:.0f} s: {type(error).__name__}: {error}"
+            )
             return
-        self.last_error = None
         self._metrics.pruned_runs.inc(result.runs)
         if result.runs:
             logger.info(f"retention ({self.days} days): {result}")
