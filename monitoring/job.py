@@ -123,8 +123,9 @@ def model_version(client: MlflowClient, version: str | None = None) -> ModelVers
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        what = f"version {version} of" if version is not None else "no version of"
-        raise MonitorError(f"{what} {REGISTERED_MODEL_NAME} is registered") from None
+        if version is not None:
+            raise MonitorError(f"version {version} of {REGISTERED_MODEL_NAME} is not registered") from None
+        raise MonitorError(f"no version of {REGISTERED_MODEL_NAME} is registered") from None
     if not found:
         raise MonitorError(
             f"no version of {REGISTERED_MODEL_NAME} is in {PRODUCTION_STAGE}; name one with --model-version"
