@@ -190,9 +190,7 @@ def up(args) -> int:
         )
         if not store.auth:
             listen = tracking_server.Listen(port=args.mlflow_port)
-            print(
-                f"  {tracking_server.auth_off_line(listen).replace(' --auth ', ' `credit-risk up --auth` ')}"
-            )
+            print(f"  {tracking_server.auth_off_line(listen, '`credit-risk up --auth`')}")
     if store.auth:
         with stage("Identities and permissions (MLflow basic-auth)"):
             _provision(stack)

@@ -288,14 +288,14 @@ def check_auth_environment(settings: TrackingServerSettings, environ=os.environ)
         raise UsageError(str(error)) from None
 
 
-def auth_off_line(listen: Listen) -> str:
-    """What running without auth means, in one line."""
+def auth_off_line(listen: Listen, turn_on: str = "--auth") -> str:
+    """What running without auth means, in one line; ``turn_on`` is how to turn it on."""
     who = (
         "anyone on this machine" if listen.host in (LOOPBACK, "localhost", "::1") else "anyone who reaches it"
     )
     return (
         f"auth off: {who} can read and change every run, model version, stage and alias at "
-        f"{listen.host}:{listen.port}, Production included; --auth (CREDIT_RISK_AUTH=1) turns on "
+        f"{listen.host}:{listen.port}, Production included; {turn_on} (CREDIT_RISK_AUTH=1) turns on "
         "MLflow's basic-auth"
     )
 
