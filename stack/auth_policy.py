@@ -188,7 +188,7 @@ POLICY: tuple[Grant, ...] = (
         EDIT,
         "ship records: create runs, log record batches and metrics; also (any EDIT) rename the experiment, "
         "change any record run",
-        "delete or restore runs or the experiment",
+        "delete or restore the experiment (deleting its runs: the next line)",
     ),
     Grant(
         SIDECAR,
