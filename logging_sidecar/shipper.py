@@ -8,7 +8,9 @@ the replica. Runs of layout 1 are still read back.
 
 MLflow state that the sidecar remembers can go away under it. A deleted run is replaced by a
 new run for its key. A deleted experiment is restored (MLflow only soft-deletes it, so it
-cannot be created again under its name, and restoring also restores its runs). A reset store
+cannot be created again under its name, and restoring also restores its runs); on a server
+with auth, restoring needs MANAGE, which only the admin holds, so the sidecar says so and
+retries until the admin has restored it (``credit-risk auth provision``). A reset store
 (ids unknown) gets a new experiment and new runs. Whatever still fails is retried, and
 ``/health/shipping`` says so.
 
@@ -104,7 +106,17 @@ class Shipper:
             f"experiment '{self._experiment_name}' ({experiment_id}) was deleted: restoring it, "
             "with its runs, to keep shipping into it"
         )
-        self._client.restore_experiment(experiment_id)
+        try:
+            self._client.restore_experiment(experiment_id)
+        except MlflowException as error:
+            if error.get_http_status_code() != 403:
+                raise
+            # Said in the health's last_error and the log, in place of MLflow's bare 403.
+            raise MlflowException(
+                f"the inference experiment '{self._experiment_name}' ({experiment_id}) was deleted; "
+                "only admin can restore it: `credit-risk auth provision`",
+                error_code="PERMISSION_DENIED",
+            ) from None
 
     def _run(self, key: RunKey) -> str:
         if run_id := self._state.run_id(key.text):

@@ -5,33 +5,57 @@ Kubernetes Secrets, print the permission table.
 heavy: ``stack.auth`` (MLflow, the training package) is imported when a command runs.
 
 Exit codes: 0 done (or nothing to change); 1 refused or failed, one ``error:`` line.
+
+Defaults follow the local stack: the credentials folder is ``$CREDIT_RISK_HOME/auth``
+(``./.credit-risk/auth``), where ``credit-risk up --auth`` keeps them, and ``provision`` talks
+to ``$MLFLOW_TRACKING_URI``, else to the tracking server that stack recorded.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from stack.auth_files import AUTH_CONFIG_FILE, SECRET_KEY_FILE, CredentialsError
-from stack.services import DEFAULT_STATE_DIR, MLFLOW_PORT, tracking_uri
+from stack.auth_files import ADMIN, AUTH_CONFIG_FILE, SECRET_KEY_FILE, CredentialsError, identity_file
 
-DEFAULT_CREDENTIALS_DIR = DEFAULT_STATE_DIR / "auth"
+DEFAULT_CREDENTIALS_DIR = "$CREDIT_RISK_HOME/auth (./.credit-risk/auth)"
+
+
+def _credentials_dir(args) -> Path:
+    from stack.local import StackSettings, auth_dir
+
+    return Path(args.credentials_dir) if args.credentials_dir else auth_dir(StackSettings().home)
+
+
+def _tracking_uri(args, directory: Path) -> str:
+    """``--tracking-uri``, else the variable or the local stack (``stack.local``), said on stderr."""
+    from stack.local import StackSettings, find_tracking_server
+
+    if args.tracking_uri:
+        return args.tracking_uri
+    server = find_tracking_server(StackSettings())
+    print(
+        f"tracking server: {server.uri} ({server.why}) as {ADMIN} ({identity_file(directory, ADMIN)})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return server.uri
 
 
 def _provision(args) -> int:
     from stack.auth import ProvisioningError, names_from_environment, provision
 
-    tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(MLFLOW_PORT)
+    directory = _credentials_dir(args)
     try:
+        tracking = _tracking_uri(args, directory)
         report = provision(
             tracking,
-            Path(args.credentials_dir),
+            directory,
             names_from_environment(),
             per_identity_folders=args.per_identity_folders,
         )
-    except (ProvisioningError, CredentialsError, ValueError) as error:
+    except (ProvisioningError, CredentialsError, ValueError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     for line in report.changes:
@@ -78,11 +102,9 @@ def add_parser(subparsers) -> None:
         "provision", help="create identities and apply exactly their grants, as admin (idempotent)"
     )
     provision_parser.add_argument(
-        "--tracking-uri", help="default $MLFLOW_TRACKING_URI, else the local server"
+        "--tracking-uri", help="default $MLFLOW_TRACKING_URI, else the local stack's (credit-risk up)"
     )
-    provision_parser.add_argument(
-        "--credentials-dir", default=str(DEFAULT_CREDENTIALS_DIR), help=directory_help
-    )
+    provision_parser.add_argument("--credentials-dir", help=directory_help)
     provision_parser.add_argument("--per-identity-folders", action="store_true", help=folders_help)
     provision_parser.set_defaults(handler=_provision)
 

@@ -10,6 +10,13 @@ A command that talks to MLflow then uses, in this order:
 Otherwise it stops with one line saying which server it tried and how to name one (exit 1).
 It never falls back to MLflow's default store, which would create ``mlflow.db`` in the working
 folder. Whatever it chose, it says so on stderr, with why.
+
+When the local stack runs with auth on (``credit-risk up --auth``) and nothing names
+credentials (neither ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` nor
+``CREDIT_RISK_CREDENTIALS_FILE``), a command acts as the identity it needs
+(``COMMAND_IDENTITIES``), from ``<state dir>/auth/<identity>.env``, and says so on the same
+line. Credentials that are set always win; a server named by ``MLFLOW_TRACKING_URI`` gets
+only the credentials that are set.
 """
 
 from __future__ import annotations
@@ -24,9 +31,38 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.identity import ENV_PREFIX, utc_timestamp
+from stack import auth_policy as policy
+from stack.auth_files import (
+    CREDENTIALS_FILE_VARIABLE,
+    PASSWORD_VARIABLE,
+    USERNAME_VARIABLE,
+    CredentialsError,
+    identity_file,
+)
 from stack.processes import is_healthy
 
 STACK_FILE = "stack.json"
+AUTH_DIR = "auth"  # the local stack's credentials folder, in its state folder
+# The identity a command acts as on the local stack with auth on, when no credentials are set:
+# the least that does its job (stack.auth_policy). A subcommand is named with its command
+# (``records prune``); one without a line of its own acts as its command does
+# (``identity_of``). The records are personal data: ``records`` reads them as ``monitor``,
+# which may read them and change nothing but monitoring runs; ``records prune`` deletes them as
+# ``sidecar``, the one identity that may delete record runs (retention is its job).
+# ``outcomes``, ``monitor`` and ``heal`` are the commands of issues 19 and 20.
+COMMAND_IDENTITIES: dict[str, str] = {
+    "train": policy.TRAINER,
+    "heal": policy.TRAINER,
+    "promote": policy.OPERATOR,
+    "rollback": policy.OPERATOR,
+    "status": policy.OPERATOR,
+    "outcomes": policy.OPERATOR,
+    "records": policy.MONITOR,
+    "records prune": policy.SIDECAR,
+    "monitor": policy.MONITOR,
+    "serve": policy.SERVING,
+    "sidecar": policy.SIDECAR,
+}
 TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
 _HOW = f"run `credit-risk up` here, or set {TRACKING_URI_VARIABLE}=http://HOST:PORT"
 
@@ -61,6 +97,7 @@ class StackRecord:
     http_port: int
     sidecar_port: int
     started_at: str
+    auth: bool = False  # started with --auth: credentials in <state dir>/auth (records before it: off)
 
     @classmethod
     def read(cls, path: Path) -> StackRecord | None:
@@ -79,10 +116,16 @@ class StackRecord:
         partial.replace(path)
 
 
-def record_stack(home: Path, tracking_uri: str, mlflow_port: int, http_port: int, sidecar_port: int) -> Path:
+def record_stack(
+    home: Path, tracking_uri: str, mlflow_port: int, http_port: int, sidecar_port: int, auth: bool = False
+) -> Path:
     path = home / STACK_FILE
-    StackRecord(tracking_uri, mlflow_port, http_port, sidecar_port, utc_timestamp()).write(path)
+    StackRecord(tracking_uri, mlflow_port, http_port, sidecar_port, utc_timestamp(), auth).write(path)
     return path
+
+
+def auth_dir(home: Path) -> Path:
+    return home / AUTH_DIR
 
 
 @dataclass(frozen=True)
@@ -113,10 +156,64 @@ def find_tracking_server(settings: StackSettings) -> TrackingServer:
     return TrackingServer(record.tracking_uri, f"the local stack, {path}", record)
 
 
+def _credentials_set(environ) -> bool:
+    return any(
+        environ.get(name) for name in (CREDENTIALS_FILE_VARIABLE, USERNAME_VARIABLE, PASSWORD_VARIABLE)
+    )
+
+
+def identity_of(command: str) -> str | None:
+    """The identity ``command`` (``"status"``, ``"records prune"``) acts as: its own line of
+    ``COMMAND_IDENTITIES``, else its parent command's; None for a command that needs none."""
+    while command:
+        if command in COMMAND_IDENTITIES:
+            return COMMAND_IDENTITIES[command]
+        command = command.rpartition(" ")[0]
+    return None
+
+
+def select_credentials(
+    command: str, settings: StackSettings | None = None, environ=os.environ
+) -> Path | None:
+    """For ``command`` (with its subcommand: ``"records prune"``) run on the local stack with
+    auth on and no credentials set, point ``CREDIT_RISK_CREDENTIALS_FILE`` at its identity's file
+    (``identity_of``) and return that path; otherwise change nothing and return None. Reads
+    ``stack.json`` only: whether the server answers is found out, and said, when the command
+    looks for it.
+
+    ``CredentialsError`` when the stack has auth on but the identity's file is missing."""
+    identity = identity_of(command)
+    if identity is None or _credentials_set(environ):
+        return None
+    settings = settings or StackSettings()
+    if settings.tracking_uri:  # a server named by the variable is not the local stack
+        return None
+    record = StackRecord.read(settings.home / STACK_FILE)
+    if record is None or not record.auth:
+        return None
+    path = identity_file(auth_dir(settings.home), identity)
+    if not path.is_file():
+        raise CredentialsError(
+            f"the local stack ({settings.home / STACK_FILE}) runs with auth on, but {path} is missing: "
+            f"run `credit-risk up --auth` here again, or set {CREDENTIALS_FILE_VARIABLE}"
+        )
+    environ[CREDENTIALS_FILE_VARIABLE] = str(path)
+    return path
+
+
+def acting_as(environ=os.environ) -> str:
+    """`` as <user> (<where the credentials come from>)``, or nothing when none are set."""
+    user = environ.get(USERNAME_VARIABLE)
+    if not user:
+        return ""
+    source = environ.get(CREDENTIALS_FILE_VARIABLE) or f"{USERNAME_VARIABLE}/{PASSWORD_VARIABLE}"
+    return f" as {user} ({source})"
+
+
 def use_tracking_server(settings: StackSettings | None = None) -> TrackingServer:
     """Find the tracking server, point this process (and any it starts) at it, and say so on
-    stderr."""
+    stderr, with the identity the credentials in use name."""
     server = find_tracking_server(settings or StackSettings())
     os.environ[TRACKING_URI_VARIABLE] = server.uri
-    print(f"tracking server: {server.uri} ({server.why})", file=sys.stderr, flush=True)
+    print(f"tracking server: {server.uri} ({server.why}){acting_as()}", file=sys.stderr, flush=True)
     return server

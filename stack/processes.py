@@ -22,7 +22,13 @@ class Service:
     name: str
     command: list[str]
     health_url: str
-    env: dict[str, str] | None = None
+    # Set over this process's environment; a value of None removes that variable (credentials
+    # this process holds that the service must not inherit).
+    env: dict[str, str | None] | None = None
+
+    def environment(self) -> dict[str, str]:
+        merged = {**os.environ, **(self.env or {})}
+        return {name: value for name, value in merged.items() if value is not None}
 
     def log_path(self, state_dir: Path) -> Path:
         return state_dir / "logs" / f"{self.name}.log"
@@ -63,7 +69,7 @@ def start(service: Service, state_dir: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             service.command,
-            env={**os.environ, **(service.env or {})},
+            env=service.environment(),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

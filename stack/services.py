@@ -22,10 +22,18 @@ def sqlite_uri(store_dir: Path) -> str:
     return f"sqlite:///{store_dir.resolve() / 'mlflow.db'}"
 
 
-def mlflow(store_dir: Path, port: int = MLFLOW_PORT, backend_store_uri: str | None = None) -> Service:
+def mlflow(
+    store_dir: Path,
+    port: int = MLFLOW_PORT,
+    backend_store_uri: str | None = None,
+    auth_dir: Path | None = None,
+) -> Service:
     """``credit-risk tracking-server``: SQLite in ``store_dir`` unless ``backend_store_uri``
     names another store; artifacts in ``store_dir``, served by the server itself (clients need
-    no shared folder). The URI travels in the environment, so no process list shows it."""
+    no shared folder). The URI travels in the environment, so no process list shows it.
+
+    With ``auth_dir``, MLflow's basic-auth app, its files in that folder; without, auth is off
+    whatever ``CREDIT_RISK_AUTH`` this process has."""
     store_dir = store_dir.resolve()
     store_dir.mkdir(parents=True, exist_ok=True)
     command = [
@@ -33,7 +41,12 @@ def mlflow(store_dir: Path, port: int = MLFLOW_PORT, backend_store_uri: str | No
         "--host", LOOPBACK, "--port", str(port),
         "--artifacts-destination", str(store_dir / "artifacts"),
     ]  # fmt: skip
-    env = {"MLFLOW_BACKEND_STORE_URI": backend_store_uri or sqlite_uri(store_dir)}
+    env = {
+        "MLFLOW_BACKEND_STORE_URI": backend_store_uri or sqlite_uri(store_dir),
+        "CREDIT_RISK_AUTH": "1" if auth_dir else "0",
+    }
+    if auth_dir is not None:
+        command += ["--auth-dir", str(Path(auth_dir).resolve())]
     return Service("mlflow", command, f"{tracking_uri(port)}/health", env)
 
 

@@ -13,11 +13,23 @@ in its place, so signals and the exit code are MLflow's own.
 | ``MLFLOW_BACKEND_STORE_URI`` | SQLite in ``$CREDIT_RISK_HOME/mlflow`` (``./.credit-risk/mlflow``) | runs and registry (``postgresql+psycopg2://user:password@host:5432/db``) |
 | ``MLFLOW_ARTIFACTS_DESTINATION`` | ``artifacts`` beside the SQLite file | where the server stores artifacts it serves |
 | ``CREDIT_RISK_BACKEND_WAIT_S`` | 0 | how long to wait for an unreachable backend store |
+| ``CREDIT_RISK_AUTH`` | off | MLflow's basic-auth app (``--app-name basic-auth``): every request needs a user |
+| ``CREDIT_RISK_AUTH_DIR`` | ``$CREDIT_RISK_HOME/auth`` | ``admin.env``, ``flask_secret_key`` (and the SQLite auth database) |
+| ``CREDIT_RISK_AUTH_DATABASE_URI`` | the backend store when it is PostgreSQL, else SQLite ``basic_auth.db`` in the auth dir | users and grants |
+| ``CREDIT_RISK_AUTH_CONFIG`` | ``basic_auth.ini`` in the auth dir | where the launcher writes MLflow's auth config |
 
 Flags override the variables (``--backend-store-uri``, ``--artifacts-destination``,
-``--wait-s``); ``--host``, ``--port``, ``--workers`` and ``--allowed-hosts`` are flags only.
+``--wait-s``, ``--auth``, ``--auth-dir``, ``--auth-database-uri``, ``--auth-config``);
+``--host``, ``--port``, ``--workers`` and ``--allowed-hosts`` are flags only.
 The URI goes to MLflow in ``MLFLOW_BACKEND_STORE_URI``, never on its command line, so the
-password does not show in the process list; messages print it masked.
+password does not show in the process list; messages print it masked. The same holds for
+auth: the config (admin password, auth database URI) and the Flask secret key reach MLflow
+in a 0600 file and a variable at ``exec`` time (``stack.auth_files.prepare_server``).
+
+With auth, the auth database is checked like the backend store before MLflow starts; its
+tables (``users``, ``roles``, ..., versioned in ``alembic_version_auth``) do not clash with
+MLflow's, so one PostgreSQL database holds both. Without auth, the launcher says in one line
+who can then change what.
 """
 
 from __future__ import annotations
@@ -35,8 +47,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from model.identity import ENV_PREFIX
+from stack import auth_files
 from stack.errors import UsageError
-from stack.local import StackSettings
+from stack.local import StackSettings, auth_dir
 from stack.services import LOOPBACK, MLFLOW_PORT, sqlite_uri
 
 # The defaults (4 workers plus job consumers) take ~3 GB and ~11 s to become healthy;
@@ -62,6 +75,15 @@ def _default_backend_store_uri() -> str:
     return sqlite_uri(StackSettings().home / "mlflow")
 
 
+def _default_auth_dir() -> Path:
+    return auth_dir(StackSettings().home)
+
+
+# MLflow's own variables for the bootstrap admin: they would override the config this launcher
+# writes, so that the admin on the server and the one in admin.env could differ.
+_ADMIN_OVERRIDES = ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD")
+
+
 class TrackingServerSettings(BaseSettings):
     """Where the tracking server keeps runs, the registry and artifacts; from the
     environment, flags override."""
@@ -84,11 +106,33 @@ class TrackingServerSettings(BaseSettings):
         validation_alias="CREDIT_RISK_BACKEND_WAIT_S",
         description="how long to wait for an unreachable backend store",
     )
+    auth: bool = Field(
+        False,
+        validation_alias="CREDIT_RISK_AUTH",
+        description="run MLflow's basic-auth app: no request without a user, each user only its grants",
+    )
+    auth_dir: Path = Field(
+        default_factory=_default_auth_dir,
+        validation_alias="CREDIT_RISK_AUTH_DIR",
+        description="admin.env and flask_secret_key (made the first time), and the SQLite auth database",
+    )
+    auth_database_uri: str | None = Field(
+        None,
+        validation_alias="CREDIT_RISK_AUTH_DATABASE_URI",
+        description="users and grants (default: the backend store when it is PostgreSQL, else SQLite "
+        "in the auth dir)",
+    )
+    auth_config: Path | None = Field(
+        None,
+        validation_alias="CREDIT_RISK_AUTH_CONFIG",
+        description="where MLflow's basic_auth.ini is written (default: in the auth dir)",
+    )
 
-    @field_validator("backend_store_uri")
+    @field_validator("backend_store_uri", "auth_database_uri")
     @classmethod
-    def _database_url(cls, value: str) -> str:
-        describe(value)
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            describe(value)
         return value
 
     @model_validator(mode="after")
@@ -107,6 +151,18 @@ class TrackingServerSettings(BaseSettings):
             "MLFLOW_ARTIFACTS_DESTINATION (or --artifacts-destination) is required with a "
             f"{url.get_backend_name()} backend store"
         )
+
+    def auth_database(self) -> str:
+        """Where users and grants live: as given; else the backend store's own PostgreSQL
+        database (one database to run and back up); else SQLite in the auth dir."""
+        if self.auth_database_uri:
+            return self.auth_database_uri
+        if make_url(self.backend_store_uri).get_backend_name() == "postgresql":
+            return self.backend_store_uri
+        return auth_files.default_auth_database(self.auth_dir)
+
+    def auth_config_path(self) -> Path:
+        return self.auth_config or self.auth_dir / auth_files.AUTH_CONFIG_FILE
 
 
 @dataclass(frozen=True)
@@ -158,17 +214,17 @@ def _connect_once(uri: str) -> None:
         engine.dispose()
 
 
-def check_backend_store(uri: str, wait_s: float = 0, say=print) -> None:
+def check_backend_store(uri: str, wait_s: float = 0, say=print, what: str = "backend store") -> None:
     """Return once ``uri`` accepts a connection; raise ``BackendStoreError`` otherwise.
 
     Refusals that waiting cannot fix fail at once; the others are retried until ``wait_s``
-    has passed, with one message per attempt.
+    has passed, with one message per attempt. ``what`` names the database in messages.
     """
-    where = describe(uri)
+    where = f"{what} {describe(uri)}"
     try:
         create_engine(uri)  # loads the driver: a missing one is not worth waiting for
     except (NoSuchModuleError, ImportError) as error:
-        raise BackendStoreError(f"backend store {where}: no database driver ({_one_line(error)})") from None
+        raise BackendStoreError(f"{where}: no database driver ({_one_line(error)})") from None
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -178,8 +234,8 @@ def check_backend_store(uri: str, wait_s: float = 0, say=print) -> None:
             reason = _one_line(error)
         if _is_permanent(reason) or time.monotonic() + RETRY_INTERVAL_S > deadline:
             waited = f" (waited {wait_s:.0f} s)" if wait_s and not _is_permanent(reason) else ""
-            raise BackendStoreError(f"backend store {where} refused{waited}: {reason}")
-        say(f"waiting for backend store {where}: {reason}", flush=True)
+            raise BackendStoreError(f"{where} refused{waited}: {reason}")
+        say(f"waiting for {where}: {reason}", flush=True)
         time.sleep(RETRY_INTERVAL_S)
 
 
@@ -193,12 +249,85 @@ def mlflow_command(settings: TrackingServerSettings, listen: Listen) -> list[str
     ]  # fmt: skip
     if listen.allowed_hosts:
         command += ["--allowed-hosts", listen.allowed_hosts]
+    if settings.auth:
+        command += ["--app-name", "basic-auth"]
     return command
 
 
-def mlflow_environment(settings: TrackingServerSettings) -> dict[str, str]:
+def mlflow_environment(
+    settings: TrackingServerSettings, auth: dict[str, str] | None = None
+) -> dict[str, str]:
+    """MLflow's environment: this one, the backend store, and with auth the two variables
+    ``prepare_server`` returned (the config's path and the Flask secret key)."""
     env = {**os.environ, **MLFLOW_ENVIRONMENT, "MLFLOW_BACKEND_STORE_URI": settings.backend_store_uri}
     env.pop("MLFLOW_ARTIFACTS_DESTINATION", None)  # given on the command line, resolved
+    # Read by the launcher alone: MLflow's admin comes from the config file.
+    for name in (auth_files.ADMIN_PASSWORD_VARIABLE, auth_files.ADMIN_PASSWORD_FILE_VARIABLE):
+        env.pop(name, None)
+    if settings.auth:
+        env.update(auth or {})
+    return env
+
+
+def check_auth_environment(settings: TrackingServerSettings, environ=os.environ) -> None:
+    """Before anything starts: the admin password the environment names is usable, and no
+    MLflow variable would override the admin the launcher configures. ``UsageError`` if not."""
+    if not settings.auth:
+        return
+    overriding = [name for name in _ADMIN_OVERRIDES if name in environ]
+    if overriding:
+        raise UsageError(
+            f"{' and '.join(overriding)} set: with --auth the admin's password is "
+            f"{auth_files.ADMIN_PASSWORD_VARIABLE} (or {auth_files.ADMIN_PASSWORD_FILE_VARIABLE}), else "
+            f"the one in {auth_files.identity_file(settings.auth_dir, auth_files.ADMIN)}; unset "
+            f"{'them' if len(overriding) > 1 else 'it'}"
+        )
+    try:
+        auth_files.admin_password_from(environ)
+    except auth_files.CredentialsError as error:
+        raise UsageError(str(error)) from None
+
+
+def auth_off_line(listen: Listen, turn_on: str = "--auth") -> str:
+    """What running without auth means, in one line; ``turn_on`` is how to turn it on."""
+    who = (
+        "anyone on this machine" if listen.host in (LOOPBACK, "localhost", "::1") else "anyone who reaches it"
+    )
+    return (
+        f"auth off: {who} can read and change every run, model version, stage and alias at "
+        f"{listen.host}:{listen.port}, Production included; {turn_on} (CREDIT_RISK_AUTH=1) turns on "
+        "MLflow's basic-auth"
+    )
+
+
+def _create_private_sqlite(uri: str) -> None:
+    """A SQLite auth database is created 0600 (it holds the password hashes), not with the umask."""
+    url = make_url(uri)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    path = Path(url.database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+def prepare_auth(settings: TrackingServerSettings) -> dict[str, str]:
+    """Check the auth database (as the backend store was checked), write MLflow's auth config
+    and the secret key, and return the variables MLflow needs for them."""
+    database = settings.auth_database()
+    auth_files.private_folder(settings.auth_dir)  # 0700, before anything is created in it
+    if database != settings.backend_store_uri:
+        _create_private_sqlite(database)
+        check_backend_store(database, settings.wait_s, what="auth database")
+    env = auth_files.prepare_server(settings.auth_dir, database, settings.auth_config_path())
+    admin = auth_files.identity_file(settings.auth_dir, auth_files.ADMIN)
+    shared = " (the backend store's database)" if database == settings.backend_store_uri else ""
+    print(
+        f"auth on: users and grants in {describe(database)}{shared}; the admin's credentials in {admin}",
+        flush=True,
+    )
     return env
 
 
@@ -206,15 +335,30 @@ def _given(args, names) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+_SETTINGS_FLAGS = (
+    "backend_store_uri",
+    "artifacts_destination",
+    "wait_s",
+    "auth",
+    "auth_dir",
+    "auth_database_uri",
+    "auth_config",
+)
+
+
 def run(args) -> int:
     listen = Listen(**_given(args, ("host", "port", "workers", "allowed_hosts")))
-    settings = TrackingServerSettings(
-        **_given(args, ("backend_store_uri", "artifacts_destination", "wait_s"))
-    )
+    settings = TrackingServerSettings(**_given(args, _SETTINGS_FLAGS))
+    check_auth_environment(settings)
     command = mlflow_command(settings, listen)
     check_backend_store(settings.backend_store_uri, settings.wait_s)
     print(f"backend store {describe(settings.backend_store_uri)} answers; starting MLflow", flush=True)
-    os.execve(command[0], command, mlflow_environment(settings))
+    if settings.auth:
+        auth = prepare_auth(settings)
+    else:
+        auth = None
+        print(auth_off_line(listen), flush=True)
+    os.execve(command[0], command, mlflow_environment(settings, auth))
     return 1  # not reached: exec replaced this process
 
 
@@ -224,7 +368,9 @@ def add_parser(subparsers) -> None:
         "tracking-server",
         help=text_,
         description=f"{text_.capitalize()}. Variables: MLFLOW_BACKEND_STORE_URI, "
-        "MLFLOW_ARTIFACTS_DESTINATION, CREDIT_RISK_BACKEND_WAIT_S; flags override them.",
+        "MLFLOW_ARTIFACTS_DESTINATION, CREDIT_RISK_BACKEND_WAIT_S, CREDIT_RISK_AUTH, CREDIT_RISK_AUTH_DIR, "
+        "CREDIT_RISK_AUTH_DATABASE_URI, CREDIT_RISK_AUTH_CONFIG, CREDIT_RISK_ADMIN_PASSWORD(_FILE); "
+        "flags override them.",
     )
     parser.add_argument(
         "--backend-store-uri",
@@ -243,4 +389,32 @@ def add_parser(subparsers) -> None:
         type=float,
         help="wait this long for an unreachable backend store ($CREDIT_RISK_BACKEND_WAIT_S, default 0)",
     )
+    add_auth_arguments(parser)
+    parser.add_argument(
+        "--auth-dir",
+        type=Path,
+        help="admin.env, flask_secret_key and the SQLite auth database ($CREDIT_RISK_AUTH_DIR, "
+        "default $CREDIT_RISK_HOME/auth, ./.credit-risk/auth)",
+    )
+    parser.add_argument(
+        "--auth-database-uri",
+        help="users and grants ($CREDIT_RISK_AUTH_DATABASE_URI; default the backend store when it is "
+        "PostgreSQL, else SQLite in the auth dir)",
+    )
+    parser.add_argument(
+        "--auth-config",
+        type=Path,
+        help="where to write MLflow's basic_auth.ini ($CREDIT_RISK_AUTH_CONFIG, default in the auth dir)",
+    )
     parser.set_defaults(handler=run)
+
+
+def add_auth_arguments(parser) -> None:
+    """``--auth`` (``up`` has it too): absent leaves ``CREDIT_RISK_AUTH`` to decide."""
+    parser.add_argument(
+        "--auth",
+        action="store_const",
+        const=True,
+        help="MLflow's basic-auth app: every request needs a user, each user only its grants "
+        "($CREDIT_RISK_AUTH=1; default off)",
+    )

@@ -1,5 +1,6 @@
 """MLflow on a real PostgreSQL server: training, registration, promotion, serving and
-shipping, and the launcher's answer to a database it cannot use.
+shipping, the launcher's answer to a database it cannot use, and auth with its users and
+grants in the same database.
 
 The server is Debian's ``postgresql`` package (installed by ``.ci/run``): ``initdb`` refuses
 to run as root, so the cluster and its server run as the ``postgres`` user, in a temporary
@@ -26,12 +27,14 @@ from pathlib import Path
 import httpx
 import pytest
 from mlflow.tracking import MlflowClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 
 from logging_sidecar.reader import read_records
 from model.identity import PRODUCTION_ALIAS, REGISTERED_MODEL_NAME
 from serving.settings import MODEL_NAME, SERVING_DIR
+from stack import auth_policy as policy
 from stack import processes, services
+from stack.auth import provision
 from tests.helpers import credit_risk, free_port, running, serving_service
 
 pytestmark = pytest.mark.integration
@@ -293,3 +296,50 @@ def test_up_passes_its_backend_store_uri_to_mlflow(postgres, tmp_path, given_by)
     assert "Traceback" not in up.stderr and wrong not in up.stdout + up.stderr
     down = credit_risk("down", *flags, tracking_uri=NO_SERVER)
     assert down.returncode == 0 and "mlflow: not running" in down.stdout, down.stdout + down.stderr
+
+
+def test_auth_keeps_users_and_grants_in_the_backend_stores_database(postgres, tmp_path):
+    """`credit-risk tracking-server --auth` on PostgreSQL: by default the auth app's tables go
+    into MLflow's own database, beside MLflow's (no clash: its own names and alembic version
+    table), and nothing of auth is left on the auth folder's disk but the config and secrets."""
+    create_database(postgres, "mlflow_auth")
+    uri = postgres.url("mlflow_auth")
+    port, auth_dir = free_port(), tmp_path / "auth"
+    mlflow = services.mlflow(tmp_path / "mlflow", port=port, backend_store_uri=uri, auth_dir=auth_dir)
+    tracking = services.tracking_uri(port)
+    with running(mlflow, tmp_path, timeout=180):
+        first = provision(tracking, auth_dir, environ={})
+        assert "serving: user created" in first.changes, first.changes
+        anonymous = httpx.get(f"{tracking}/api/2.0/mlflow/registered-models/get",
+                              params={"name": REGISTERED_MODEL_NAME}, timeout=30)  # fmt: skip
+        assert anonymous.status_code == 401
+    log = mlflow.log_path(tmp_path).read_text()
+    masked = uri.replace(postgres.password, "***")
+    assert f"auth on: users and grants in {masked} (the backend store's database); " in log, log
+    assert postgres.password not in log
+    assert not (auth_dir / "basic_auth.db").exists()
+    engine = create_engine(uri)
+    tables = set(inspect(engine).get_table_names())
+    with engine.connect() as connection:
+        users = {row[0] for row in connection.execute(text("SELECT username FROM users")).all()}
+        experiments = {row[0] for row in connection.execute(text("SELECT name FROM experiments")).all()}
+    engine.dispose()
+    assert {"users", "roles", "role_permissions", "user_role_assignments", "alembic_version_auth"} <= tables
+    assert {"experiments", "runs", "registered_models", "model_versions", "alembic_version"} <= tables
+    # Users and the experiments they are granted on, side by side in the one database.
+    assert users == set(policy.IDENTITIES)
+    assert {"credit-risk-training", "credit-risk-inference"} <= experiments
+
+
+def test_an_auth_database_that_refuses_is_one_clear_line(postgres, tmp_path):
+    wrong = "not-" + postgres.password
+    result = _tracking_server("--artifacts-destination", str(tmp_path), "--backend-store-uri", postgres.url(),
+                              "--auth", "--auth-dir", str(tmp_path / "auth"),
+                              "--auth-database-uri", postgres.url(password=wrong))  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: auth database postgresql+psycopg2://{USER}:***@127.0.0.1:{postgres.port}/{USER} refused: "
+        f'connection to server at "127.0.0.1", port {postgres.port} failed: FATAL:  password authentication '
+        f'failed for user "{USER}"'
+    ]
+    assert wrong not in result.stdout + result.stderr

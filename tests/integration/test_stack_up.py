@@ -41,18 +41,19 @@ def wait_shipped(sidecar_port: int, rows: int, timeout: float = 120) -> None:
     raise AssertionError(f"{rows} records not shipped after {timeout:.0f} s: {health}")
 
 
-def check_read_back(records: pd.DataFrame, answer: dict) -> None:
-    """The records of ``up``'s one inference: the example's rows, answered as printed."""
-    mine = records[records["request_id"] == EXAMPLE["id"]].sort_values("row_index")
+def check_read_back(records: pd.DataFrame, answer: dict, request: dict = EXAMPLE, version: str = "1") -> None:
+    """The records of one inference (``up``'s by default): the request's rows, answered as
+    ``answer`` says, by registry version ``version``."""
+    mine = records[records["request_id"] == request["id"]].sort_values("row_index")
     assert mine["row_index"].tolist() == [0, 1], records
-    sent = {item["name"]: item["data"] for item in EXAMPLE["inputs"]}
+    sent = {item["name"]: item["data"] for item in request["inputs"]}
     for name in FEATURES:
         expected = np.array([np.nan if value is None else value for value in sent[name]], dtype="float64")
         assert np.array_equal(mine[name].to_numpy("float64"), expected, equal_nan=True), name
     outputs = {item["name"]: item["data"] for item in answer["outputs"]}
     assert mine["probability"].tolist() == outputs["probability"]
     assert mine["prediction"].tolist() == outputs["prediction"]
-    assert set(mine["model_version"]) == {"1"} and set(mine["dataset_hash"]) == {
+    assert set(mine["model_version"]) == {version} and set(mine["dataset_hash"]) == {
         answer["parameters"]["dataset_hash"]
     }
 
@@ -83,6 +84,17 @@ def test_up_trains_serves_infers_and_down_stops_everything(tmp_path):
         assert f"MLflow UI:    {tracking}" in up.stdout
         assert f"http://127.0.0.1:{ports['http']}/v2/models/credit-risk/infer" in up.stdout
         assert httpx.get(f"http://127.0.0.1:{ports['sidecar']}/health", timeout=5).status_code == 200
+        # Without --auth, up and the launcher each say in one line what that means.
+        off = (
+            "auth off: anyone on this machine can read and change every run, model version, stage and "
+            f"alias at 127.0.0.1:{ports['mlflow']}, Production included; "
+        )
+        assert (
+            f"  {off}`credit-risk up --auth` (CREDIT_RISK_AUTH=1) turns on MLflow's basic-auth\n" in up.stdout
+        )
+        launcher_log = (tmp_path / ".credit-risk" / "logs" / "mlflow.log").read_text()
+        assert f"{off}--auth (CREDIT_RISK_AUTH=1) turns on MLflow's basic-auth\n" in launcher_log
+        assert json.loads((tmp_path / ".credit-risk" / "stack.json").read_text())["auth"] is False
 
         # The inference up made was captured and shipped; read back from the folder, nothing set.
         wait_shipped(ports["sidecar"], rows=2)
