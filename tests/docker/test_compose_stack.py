@@ -226,8 +226,7 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
             compose.up()
         trainer_log = compose.run("logs", "--no-color", "trainer").stdout
         assert "nothing to do" in trainer_log, trainer_log
-        provision_log = compose.run("logs", "--no-color", "provision").stdout
-        assert "nothing to change" in provision_log, provision_log
+        _check_auth(compose)  # provisioned again (exit 0, checked by up), still closed
         versions = compose.client().search_model_versions(f"name='{REGISTERED_MODEL_NAME}'")
         assert [(v.version, v.current_stage) for v in versions] == [("1", "Production")], how
         runs_after = len(
@@ -369,10 +368,11 @@ def _probe(container: str, port: int, path: str) -> bytes | None:
 
 def test_the_kubernetes_serving_pod_runs_under_its_security_context(compose):
     """The serving pod of deploy/kubernetes/40-serving.yaml as docker can run it: both
-    containers with the manifest's user, read-only root, no capabilities, emptyDir /tmp and one
-    spool volume, against the compose stack's MLflow (same address as in the cluster). The
-    server loads the model from the registry, answers, and the sidecar ships the records."""
-    from tests.test_kubernetes_manifests import _container, _env, _pod_specs
+    containers with the manifest's user, read-only root, no capabilities, emptyDir /tmp, one
+    spool volume and each its identity's credentials file where the manifest mounts its Secret,
+    against the compose stack's MLflow (same address as in the cluster, auth on). The server
+    loads the model from the registry, answers, and the sidecar ships the records."""
+    from tests.test_kubernetes_manifests import _container, _env, _pod_specs, _secret_files
 
     compose.up()
     pod = _pod_specs()["serving"]
@@ -385,9 +385,18 @@ def test_the_kubernetes_serving_pod_runs_under_its_security_context(compose):
             env = {k: v for k, v in _env(container).items() if v is not None}
             env |= {"CREDIT_RISK_REPLICA_ID": "serving-0", "CREDIT_RISK_FLUSH_INTERVAL_S": "2"}
             [spool_mount] = [m for m in container["volumeMounts"] if m["name"] == "spool"]
+            # The identity's Secret as compose's `provision` wrote it: its file, on its volume.
+            [(secret, key)] = set(_secret_files(pod, container).values())
+            [credentials_mount] = {path.rsplit("/", 1)[0] for path in _secret_files(pod, container)}
+            identity = secret.removeprefix("mlflow-")
+            assert (
+                key == f"{identity}.env"
+                and env["CREDIT_RISK_CREDENTIALS_FILE"] == f"{credentials_mount}/{key}"
+            )
             subprocess.run(
                 ["docker", "run", "--detach", "--name", container_name, "--network", f"{compose.project}_default",
                  *_as_docker_run_flags(pod, container), "--volume", f"{spool}:{spool_mount['mountPath']}",
+                 "--volume", f"{compose.project}_auth-{identity}:{credentials_mount}:ro",
                  *[arg for k, v in env.items() for arg in ("--env", f"{k}={v}")],
                  compose.images[1], *container["command"]],
                 check=True, capture_output=True,
