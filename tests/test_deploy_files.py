@@ -1,5 +1,5 @@
 """Static checks of the deployment files: hadolint, and `docker compose config` (the services,
-their hardening, and where the database password goes)."""
+their hardening, where the passwords go, and MLflow's basic-auth on by default)."""
 
 import json
 import shutil
@@ -45,10 +45,11 @@ def test_compose_file_runs_mlflow_on_an_unpublished_postgresql():
 
 def test_sqlite_override_leaves_the_database_out():
     services = _compose_config("docker-compose.yml", "docker-compose.sqlite.yml")["services"]
-    # `credentials` only writes the database's password files; left running, it would also
-    # fail `up --wait`, which counts a one-shot container nobody waits for as a failure.
-    assert "db" not in services and "credentials" not in services
-    assert not services["mlflow"].get("depends_on")
+    assert "db" not in services
+    # `credentials` stays (the admin password file, the auth volumes' owner) and MLflow waits
+    # for it: `up --wait` counts a one-shot container nobody waits for as a failure.
+    assert set(services["mlflow"]["depends_on"]) == {"credentials"}
+    assert services["mlflow"]["depends_on"]["credentials"]["condition"] == "service_completed_successfully"
     assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("sqlite:////")
 
 
@@ -93,16 +94,18 @@ def test_every_service_is_hardened(files):
 def test_no_password_reaches_a_container_but_as_a_file(monkeypatch):
     """With a password set, it appears in no service's environment, command or labels: only in
     the config that `credentials` writes to files, and the services read those files."""
-    password = f"{uuid.uuid4().hex}:@/%"
+    password, admin_password = f"{uuid.uuid4().hex}:@/%", f"{uuid.uuid4().hex}:@/%"
     monkeypatch.setenv("POSTGRES_PASSWORD", password)
+    monkeypatch.setenv("CREDIT_RISK_ADMIN_PASSWORD", admin_password)
     config = _compose_config("docker-compose.yml")
     for name, service in config["services"].items():
-        assert password not in json.dumps(service), name
+        assert password not in json.dumps(service) and admin_password not in json.dumps(service), name
         for variable in service.get("environment") or {}:
             assert "PASSWORD" not in variable or variable.endswith("_FILE"), (name, variable)
-    assert config["configs"]["db-password"]["content"] == password
+    assert config["configs"]["db-password"]["content"] == password + "\n"
+    assert config["configs"]["admin-password"]["content"] == admin_password + "\n"
     credentials = config["services"]["credentials"]
-    assert [c["source"] for c in credentials["configs"]] == ["db-password"]
+    assert [c["source"] for c in credentials["configs"]] == ["db-password", "admin-password"]
     assert not [
         s for s, service in config["services"].items() if service.get("configs") and s != "credentials"
     ]
@@ -112,6 +115,67 @@ def test_no_password_reaches_a_container_but_as_a_file(monkeypatch):
     assert mlflow["environment"]["PGPASSFILE"].startswith(secrets_dir + "/")
     assert "@" in mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]  # user@host, and no password
     assert ":" not in mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].split("//", 1)[1].split("@")[0]
-    for service in (db, mlflow):
+    for name in ("mlflow", "provision"):
+        admin_file = config["services"][name]["environment"]["CREDIT_RISK_ADMIN_PASSWORD_FILE"]
+        assert admin_file.startswith(secrets_dir + "/"), name
+    for service in (db, mlflow, config["services"]["provision"]):
         [mount] = [v for v in service["volumes"] if v.get("source") == "credentials"]
         assert mount["target"] == secrets_dir and mount["read_only"] is True
+
+
+# -- authentication: on, with no default password -------------------------------------------------
+
+AUTH_DIR = "/run/credit-risk/auth"
+# The compose services that talk to MLflow, and the identity each acts as.
+CLIENT_IDENTITIES = {"trainer": "trainer", "serving": "serving", "sidecar": "sidecar"}
+
+
+@pytest.mark.parametrize("files", COMPOSE_FILES, ids=["postgres", "sqlite"])
+def test_auth_is_on_with_no_default_password(files, monkeypatch):
+    """With no password variable set, no password is in the configuration (they are generated
+    at the first start); MLflow runs the basic-auth app; `provision` runs once MLflow is healthy,
+    before every client, and writes each identity's file to that identity's own volume."""
+    for name in ("POSTGRES_PASSWORD", "CREDIT_RISK_ADMIN_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    config = _compose_config(*files)
+    assert {name: c["content"] for name, c in config["configs"].items()} == {
+        # A newline only: compose drops a config whose content is empty.
+        "db-password": "\n",
+        "admin-password": "\n",
+    }
+    services = config["services"]
+    command = services["mlflow"]["command"]
+    assert "--auth" in command and f"--auth-dir={AUTH_DIR}" in command
+    provision = services["provision"]
+    assert provision["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    script = provision["command"][-1]
+    assert "credit-risk auth provision " in script
+    assert f"--credentials-dir={AUTH_DIR} --per-identity-folders" in script
+    provision_mounts = {v["target"]: v["source"] for v in provision["volumes"] if v["type"] == "volume"}
+    for service, identity in CLIENT_IDENTITIES.items():
+        spec = services[service]
+        assert spec["environment"]["CREDIT_RISK_CREDENTIALS_FILE"] == f"{AUTH_DIR}/{identity}.env", service
+        assert spec["depends_on"]["provision"]["condition"] == "service_completed_successfully", service
+        auth_mounts = [v for v in spec["volumes"] if str(v.get("source", "")).startswith("auth")]
+        assert [(v["source"], v["target"], v.get("read_only")) for v in auth_mounts] == [
+            (f"auth-{identity}", AUTH_DIR, True)
+        ], service
+        # `provision` writes <identity>/<identity>.env: that folder is the identity's volume.
+        assert provision_mounts[f"{AUTH_DIR}/{identity}"] == f"auth-{identity}"
+        # Nobody else mounts it, but the one-shots that write it.
+        others = {
+            name
+            for name, other in services.items()
+            for v in other.get("volumes", [])
+            if v.get("source") == f"auth-{identity}"
+        }
+        assert others == {service, "credentials", "provision"}, identity
+    assert provision_mounts[AUTH_DIR] == "auth"
+    # The admin's volume: MLflow and the one-shots only.
+    assert {
+        name for name, s in services.items() for v in s.get("volumes", []) if v.get("source") == "auth"
+    } == {
+        "credentials",
+        "mlflow",
+        "provision",
+    }

@@ -33,7 +33,8 @@ from serving.settings import (
     serving_environment,
 )
 from serving.spool_format import SpoolSettings
-from stack import processes, services, tracking_server
+from stack import auth_files, processes, services, tracking_server
+from stack.auth_policy import IDENTITIES, SERVICE_IDENTITIES
 from tests.helpers import BIN, REPO, free_port, running
 from tests.network_policies import Endpoint, connection_allowed, selects
 
@@ -191,6 +192,7 @@ SAME_AS_COMPOSE = {
     ("serving", "sidecar"): "sidecar",
     ("kserve", "kserve-container"): "serving",
     ("kserve", "sidecar"): "sidecar",
+    ("provision", "provision"): "provision",
 }
 
 
@@ -234,6 +236,10 @@ def test_mlflow_runs_as_compose_runs_it():
     compose_env = _compose_env("mlflow")
     assert compose_env["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg2://mlflow@db:5432/mlflow"
     assert compose_env["PGPASSFILE"].startswith("/run/credit-risk/credentials/")
+    # MLflow's basic-auth app in both, its admin.env and secret key in the same folder.
+    assert "--auth" in container["command"] and "--auth" in compose["command"]
+    for flag in ("--auth-dir", "--auth-config"):
+        assert manifest_flags[flag] == compose_flags[flag]
 
 
 # -- the database's credentials: a Secret made by a documented command --------------------------
@@ -307,11 +313,148 @@ def test_the_documented_secret_command_makes_what_the_pods_read():
                     assert entry["valueFrom"]["secretKeyRef"]["name"] == "db"
 
 
+# -- the tracking server's identities: a Secret each, made by documented commands ---------------
+
+AUTH_SECRET_COMMAND = "kubectl -n credit-risk create secret generic mlflow-"
+CREDENTIALS_COMMAND = "credit-risk auth credentials "
+MLFLOW_MANIFEST = REPO / "deploy" / "kubernetes" / "20-mlflow.yaml"
+CREDENTIALS_DIR = "/run/credit-risk/auth"
+# Which identity each container acts as (stack/auth_policy.py); `provision` acts as admin and
+# reads every identity's file.
+IDENTITY = {
+    ("mlflow", "mlflow"): "admin",
+    ("trainer", "trainer"): "trainer",
+    ("serving", "serving"): "serving",
+    ("serving", "sidecar"): "sidecar",
+    ("drain-spool", "drain"): "sidecar",
+    ("kserve", "kserve-container"): "serving",
+    ("kserve", "sidecar"): "sidecar",
+    ("provision", "provision"): "admin",
+}
+
+
+def _secret_files(spec: dict, container: dict) -> dict[str, tuple[str, str]]:
+    """Path in the container -> (Secret, key) of every Secret file it mounts."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes.get(mount["name"], {})  # else a claim of a volumeClaimTemplate
+        sources = [volume] if "secret" in volume else volume.get("projected", {}).get("sources", [])
+        for source in sources:
+            if secret := source.get("secret"):
+                name = secret.get("secretName") or secret.get("name")
+                for item in secret["items"]:  # every key named: nothing else of the Secret lands
+                    files[f"{mount['mountPath']}/{item['path']}"] = (name, item["key"])
+            assert mount.get("readOnly") is True or not sources, (container["name"], mount["name"])
+    return files
+
+
+def test_every_container_that_talks_to_mlflow_has_its_own_identity_only():
+    """Each MLflow client names its identity's file in CREDIT_RISK_CREDENTIALS_FILE, mounted
+    read-only from that identity's Secret, and mounts no other identity's; the files are
+    readable by the pod's group only."""
+    seen = set()
+    for workload, spec in _pod_specs().items():
+        for container in _containers(spec):
+            env = _env(container)
+            talks = "MLFLOW_TRACKING_URI" in env or (workload, container["name"]) == ("mlflow", "mlflow")
+            files = _secret_files(spec, container)
+            if not talks:
+                assert not files, (workload, container["name"])
+                continue
+            identity = IDENTITY[(workload, container["name"])]
+            seen.add((workload, container["name"]))
+            secrets_mounted = {secret for secret, _ in files.values()}
+            if workload == "provision":
+                assert files == {
+                    f"{CREDENTIALS_DIR}/admin.env": ("mlflow-admin", "admin.env"),
+                    **{
+                        f"{CREDENTIALS_DIR}/{i}/{i}.env": (f"mlflow-{i}", f"{i}.env")
+                        for i in SERVICE_IDENTITIES
+                    },
+                }
+            elif identity == "admin":
+                assert files == {
+                    f"{CREDENTIALS_DIR}/admin.env": ("mlflow-admin", "admin.env"),
+                    f"{CREDENTIALS_DIR}/flask_secret_key": ("mlflow-admin", "flask_secret_key"),
+                }
+            else:
+                path = f"{CREDENTIALS_DIR}/{identity}.env"
+                assert env["CREDIT_RISK_CREDENTIALS_FILE"] == path, (workload, container["name"])
+                assert files == {path: (f"mlflow-{identity}", f"{identity}.env")}, (
+                    workload,
+                    container["name"],
+                )
+                assert secrets_mounted == {f"mlflow-{identity}"}
+            assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"] == 10001, (
+                workload
+            )
+            for volume in spec["volumes"]:
+                if "secret" in volume or "projected" in volume:
+                    mode = (volume.get("secret") or volume["projected"])["defaultMode"]
+                    assert mode == 0o440, (workload, volume["name"])
+    assert seen == set(IDENTITY)
+
+
+def _documented_auth_commands() -> tuple[list[str], list[list[str]]]:
+    text = MLFLOW_MANIFEST.read_text()
+    [credentials] = _documented_commands(text, CREDENTIALS_COMMAND)
+    return credentials, _documented_commands(text, AUTH_SECRET_COMMAND)
+
+
+def test_the_documented_auth_secret_commands_make_what_the_pods_mount(tmp_path, monkeypatch):
+    """The commands in 20-mlflow.yaml's header, run for real (the credentials command) and as
+    kubectl would read them (each --from-file names an existing file whose name is the key):
+    a Secret per identity, each with only its own file, generated passwords, and exactly the
+    keys the pods mount."""
+    from stack import auth_cli
+
+    credentials, secret_commands = _documented_auth_commands()
+    monkeypatch.chdir(tmp_path)
+    for name in ("CREDIT_RISK_ADMIN_PASSWORD", "CREDIT_RISK_ADMIN_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert credentials[:3] == ["credit-risk", "auth", "credentials"]
+    assert auth_cli.main(credentials[1:]) == 0
+    made: dict[str, dict[str, str]] = {}
+    for command in secret_commands:
+        assert command[:6] == ["kubectl", "-n", NAMESPACE, "create", "secret", "generic"], command
+        name, sources = command[6], command[7:]
+        assert all(arg.startswith("--from-file=") for arg in sources), command
+        made[name] = {}
+        for arg in sources:
+            path = tmp_path / arg.removeprefix("--from-file=")
+            assert path.stat().st_mode & 0o077 == 0, path  # as written: the owner's only
+            made[name][path.name] = path.read_text()
+    assert set(made) == {f"mlflow-{identity}" for identity in IDENTITIES}
+    for identity in IDENTITIES:
+        parsed = auth_files.parse_credentials(made[f"mlflow-{identity}"][f"{identity}.env"], identity)
+        assert parsed.username == identity and len(parsed.password) >= 32
+    assert set(made["mlflow-admin"]) == {"admin.env", auth_files.SECRET_KEY_FILE}
+    passwords = [
+        auth_files.parse_credentials(made[f"mlflow-{i}"][f"{i}.env"], i).password for i in IDENTITIES
+    ]
+    assert len(set(passwords)) == len(passwords)
+    mounted = {
+        pair
+        for workload, spec in _pod_specs().items()
+        for container in _containers(spec)
+        for pair in _secret_files(spec, container).values()
+    }
+    made_pairs = {(secret, key) for secret, keys in made.items() for key in keys}
+    # Every file a pod mounts is made; monitor's and operator's are for people and the monitor.
+    assert mounted <= made_pairs
+    assert made_pairs - mounted <= {("mlflow-operator", "operator.env"), ("mlflow-monitor", "monitor.env")}
+
+
 # Set under compose only, and why.
 COMPOSE_ONLY = {
     # libpq's password file on the `credentials` volume; the Deployment passes the password
     # from the Secret into the URI instead.
     ("mlflow", "PGPASSFILE"),
+    # CREDIT_RISK_ADMIN_PASSWORD, as a file that compose's `credentials` writes; in Kubernetes
+    # the admin's password is the one in its Secret.
+    ("mlflow", "CREDIT_RISK_ADMIN_PASSWORD_FILE"),
+    ("provision", "CREDIT_RISK_ADMIN_PASSWORD_FILE"),
 }
 
 
@@ -757,11 +900,11 @@ def test_every_policy_selects_pods_that_exist_and_admits_only_ports_they_serve()
     assert admitted("kserve") == {
         p["containerPort"] for p in _container("kserve", "kserve-container")["ports"]
     }
-    for name in ("trainer", "drain-spool"):
+    for name in ("trainer", "drain-spool", "provision"):
         assert admitted(name) == set(), name
 
 
-MLFLOW_CLIENTS = {"trainer", "serving", "drain-spool", "kserve", "operator"}
+MLFLOW_CLIENTS = {"trainer", "serving", "drain-spool", "kserve", "operator", "provision"}
 
 
 def test_mlflow_is_reached_only_by_its_clients_and_reaches_only_the_database():
@@ -921,16 +1064,24 @@ def test_sidecar_liveness_probe_is_answered_by_the_real_sidecar(tmp_path):
 @pytest.mark.integration
 def test_mlflow_started_with_the_manifests_flags_answers_its_probes(tmp_path):
     """MLflow as the Deployment starts it (its --allowed-hosts, the backend store from
-    MLFLOW_BACKEND_STORE_URI), on SQLite and a free port: kubelet's probes (Host: the pod's IP)
-    get through, and so do clients using the in-cluster URI; any other host is refused."""
+    MLFLOW_BACKEND_STORE_URI, basic-auth on), on SQLite and a free port: kubelet's probes
+    (Host: the pod's IP) get through without credentials; clients using the in-cluster URI need
+    them; any other host is refused."""
     container = _container("mlflow", "mlflow")
     port = free_port()
     command = [str(BIN / "credit-risk")] + [
         f"--port={port}" if arg.startswith("--port=") else arg
         for arg in container["command"][1:]
-        if not arg.startswith(("--host=", "--artifacts-destination="))
+        if not arg.startswith(("--host=", "--artifacts-destination=", "--auth-dir=", "--auth-config="))
     ]
-    command += ["--host=127.0.0.1", f"--artifacts-destination={tmp_path / 'artifacts'}"]
+    auth_dir = tmp_path / "auth"
+    command += [
+        "--host=127.0.0.1",
+        f"--artifacts-destination={tmp_path / 'artifacts'}",
+        f"--auth-dir={auth_dir}",
+        f"--auth-config={tmp_path / 'tmp' / 'basic_auth.ini'}",
+    ]
+    assert "--auth" in command
     env = {
         name: value for name, value in _env(container).items() if value and name.startswith("MLFLOW_SERVER_")
     }
@@ -941,8 +1092,10 @@ def test_mlflow_started_with_the_manifests_flags_answers_its_probes(tmp_path):
     api = f"{services.tracking_uri(port)}/api/2.0/mlflow/experiments/search?max_results=1"
     with running(service, tmp_path, timeout=120):
         assert (tmp_path / "mlflow.db").exists()  # the store came from the environment
-        for probe in _probes(container).values():
+        for probe in _probes(container).values():  # answered without credentials
             url = f"{services.tracking_uri(port)}{probe['httpGet']['path']}"
             assert httpx.get(url, headers=pod_ip, timeout=10).status_code == 200
-        assert httpx.get(api, headers=in_cluster, timeout=10).status_code == 200
-        assert httpx.get(api, headers=pod_ip, timeout=10).status_code == 403
+        admin = auth_files.read_credentials(auth_files.identity_file(auth_dir, auth_files.ADMIN))
+        assert httpx.get(api, headers=in_cluster, timeout=10).status_code == 401
+        assert httpx.get(api, headers=in_cluster, auth=tuple(admin), timeout=10).status_code == 200
+        assert httpx.get(api, headers=pod_ip, auth=tuple(admin), timeout=10).status_code == 403

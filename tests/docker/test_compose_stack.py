@@ -1,6 +1,8 @@
 """`docker compose up` for real: build, health in order, inference, records, restarts, with
-MLflow's runs and registry in the `db` service's PostgreSQL, a database password that no
-`docker inspect` shows, and the hardening each container claims.
+MLflow's runs and registry in the `db` service's PostgreSQL, a generated database password
+that no `docker inspect` shows, the hardening each container claims, and MLflow's basic-auth
+on by default: anonymous requests refused, each identity only its grants, the admin password
+taken from CREDIT_RISK_ADMIN_PASSWORD.
 
 Runs under its own project name, image tag and free published ports, so it never touches a
 user's stack, and removes everything it created (containers, volumes, network, images).
@@ -27,6 +29,8 @@ from tests.helpers import REPO, free_port
 pytestmark = pytest.mark.docker
 
 LONG_RUNNING = ("db", "mlflow", "serving", "sidecar")
+ONE_SHOT = ("credentials", "provision", "trainer")
+CLIENT_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "CREDIT_RISK_CREDENTIALS_FILE")
 
 
 def _docker_usable() -> bool:
@@ -48,15 +52,16 @@ class Compose:
             name: free_port()
             for name in ("MLFLOW_PORT", "MLSERVER_HTTP_PORT", "MLSERVER_GRPC_PORT", "MLSERVER_METRICS_PORT")
         }
-        # Characters a URI would need escaped: the password travels only as files.
+        # Characters a URI or configparser would need escaped: the password travels only as
+        # files. The database password is left to be generated (`db_password` reads it).
         self.password_marker = uuid.uuid4().hex
-        self.db_password = f"{self.password_marker}:@/\\%"
+        self.admin_password = f"{self.password_marker}:@/\\%"
         self.env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in CLIENT_VARIABLES},
             **{k: str(v) for k, v in self.ports.items()},
             "CREDIT_RISK_IMAGE_TAG": f"test-{suffix}",
             "CREDIT_RISK_FLUSH_INTERVAL_S": "2",
-            "POSTGRES_PASSWORD": self.db_password,
+            "CREDIT_RISK_ADMIN_PASSWORD": self.admin_password,
         }
         self.images = [f"credit-risk-{kind}:test-{suffix}" for kind in ("train", "serve")]
         self.mlflow_url = f"http://127.0.0.1:{self.ports['MLFLOW_PORT']}"
@@ -88,7 +93,8 @@ class Compose:
         by_service = {s["Service"]: s for s in states}
         for service in LONG_RUNNING:
             assert by_service[service]["Health"] == "healthy", by_service[service]
-        assert by_service["trainer"]["ExitCode"] == 0, by_service["trainer"]
+        for service in ONE_SHOT:
+            assert by_service[service]["ExitCode"] == 0, by_service[service]
         assert not any(p.get("PublishedPort") for p in by_service["db"].get("Publishers") or []), by_service[
             "db"
         ]
@@ -107,7 +113,26 @@ class Compose:
         return response.json()
 
     def client(self) -> MlflowClient:
+        """A client acting as admin (the fixture puts admin's credentials in this process)."""
         return MlflowClient(self.mlflow_url)
+
+    def credentials(self, service: str, identity: str) -> tuple[str, str]:
+        """The identity's generated credentials, read as the compose header says."""
+        text = self.run("exec", "-T", service, "cat", f"/run/credit-risk/auth/{identity}.env").stdout
+        values = dict(line.split("=", 1) for line in text.splitlines() if line)
+        assert values["MLFLOW_TRACKING_USERNAME"] == identity, text
+        return identity, values["MLFLOW_TRACKING_PASSWORD"]
+
+    def db_password(self) -> str:
+        return self.run(
+            "run",
+            "--rm",
+            "--no-deps",
+            "--no-TTY",
+            "credentials",
+            "cat",
+            "/run/credit-risk/credentials/.db-password",
+        ).stdout
 
     def wait_for_records(self, expected_ids: set[str], timeout=120):
         deadline = time.monotonic() + timeout
@@ -128,15 +153,52 @@ def compose():
     if not _docker_usable():  # a failure under CI (tests/conftest.py)
         pytest.skip("no usable Docker engine with Compose v2")
     stack = Compose()
+    saved = {name: os.environ.pop(name, None) for name in CLIENT_VARIABLES}
+    # MLflow's client in this process acts as admin, with CREDIT_RISK_ADMIN_PASSWORD's password.
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = (
+        "admin",
+        stack.admin_password,
+    )
     try:
         stack.run("build", timeout=1800)
         yield stack
     finally:
         stack.cleanup()
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def _check_auth(compose: Compose) -> None:
+    """Anonymous requests get 401; serving's credentials read the registry but get 403 on a
+    stage, tag or alias change; the sidecar's cannot touch the registry either."""
+    api = f"{compose.mlflow_url}/api/2.0/mlflow"
+    assert httpx.get(f"{api}/experiments/search", params={"max_results": 1}).status_code == 401
+    assert httpx.post(f"{api}/registered-models/create", json={"name": "anonymous"}).status_code == 401
+    version = {"name": REGISTERED_MODEL_NAME, "version": "1"}
+    changes = [
+        (
+            "model-versions/transition-stage",
+            {**version, "stage": "Archived", "archive_existing_versions": False},
+        ),
+        ("model-versions/set-tag", {**version, "key": "promotion.forged", "value": "1"}),
+        ("registered-models/alias", {"name": REGISTERED_MODEL_NAME, "alias": "forged", "version": "1"}),
+    ]
+    serving = compose.credentials("serving", "serving")
+    read = httpx.get(f"{api}/model-versions/get", params=version, auth=serving)
+    assert read.status_code == 200, read.text
+    sidecar = compose.credentials("sidecar", "sidecar")
+    for path, body in changes:
+        for identity in (serving, sidecar):
+            answer = httpx.post(f"{api}/{path}", json=body, auth=identity)
+            assert answer.status_code == 403, (identity[0], path, answer.status_code, answer.text)
+    assert compose.client().get_model_version(REGISTERED_MODEL_NAME, "1").current_stage == "Production"
 
 
 def test_fresh_up_restart_and_down_up_keep_everything(compose):
     compose.up()
+    _check_auth(compose)
     versions = compose.client().search_model_versions(f"name='{REGISTERED_MODEL_NAME}'")
     assert [(v.version, v.current_stage) for v in versions] == [("1", "Production")]
     runs_before = len(
@@ -164,6 +226,7 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
             compose.up()
         trainer_log = compose.run("logs", "--no-color", "trainer").stdout
         assert "nothing to do" in trainer_log, trainer_log
+        _check_auth(compose)  # provisioned again (exit 0, checked by up), still closed
         versions = compose.client().search_model_versions(f"name='{REGISTERED_MODEL_NAME}'")
         assert [(v.version, v.current_stage) for v in versions] == [("1", "Production")], how
         runs_after = len(
@@ -181,12 +244,15 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
         assert len(records) == 2 * len(first), how  # nothing lost, nothing twice
 
 
-def test_no_container_shows_the_database_password(compose):
-    """Every container of the running stack, the one-shot ones included: the password is in no
-    `docker inspect` (environment, command, labels, mounts); each runs as compose claims
-    (read-only root, no capabilities, no privilege gain, its memory limit); the password files
-    belong to their one reader; and the database takes that password, and only that one."""
+def test_no_container_shows_a_password(compose):
+    """Every container of the running stack, the one-shot ones included: neither the generated
+    database password nor the admin's is in any `docker inspect` (environment, command, labels,
+    mounts); each runs as compose claims (read-only root, no capabilities, no privilege gain,
+    its memory limit); the password files belong to their one reader, and each client service
+    sees only its own identity's; and the database takes that password, and only that one."""
     compose.up()
+    db_password = compose.db_password()
+    assert len(db_password) >= 32, "generated database password too short"
     config = json.loads(compose.run("config", "--format", "json").stdout)["services"]
     containers = compose.run("ps", "--all", "--quiet").stdout.split()
     assert len(containers) == len(config), containers
@@ -194,7 +260,7 @@ def test_no_container_shows_the_database_password(compose):
         raw = subprocess.run(
             ["docker", "inspect", container], capture_output=True, text=True, check=True
         ).stdout
-        assert compose.password_marker not in raw, container
+        assert compose.password_marker not in raw and db_password not in raw, container
         [inspect] = json.loads(raw)
         service = inspect["Config"]["Labels"]["com.docker.compose.service"]
         for variable in inspect["Config"]["Env"]:
@@ -208,12 +274,23 @@ def test_no_container_shows_the_database_password(compose):
         assert "no-new-privileges:true" in host["SecurityOpt"], service
         assert host["Memory"] == host["MemorySwap"] == int(config[service]["mem_limit"]), service
     owners = {
-        ("db", "db-password"): "999 400",
-        ("mlflow", "pgpass"): "10001 600",
+        ("db", "/run/credit-risk/credentials/db-password"): "999 400",
+        ("mlflow", "/run/credit-risk/credentials/pgpass"): "10001 600",
+        ("mlflow", "/run/credit-risk/credentials/admin-password"): "10001 400",
+        ("mlflow", "/run/credit-risk/auth/admin.env"): "10001 600",
+        ("mlflow", "/run/credit-risk/auth/flask_secret_key"): "10001 600",
+        ("mlflow", "/run/credit-risk/auth/operator/operator.env"): "10001 600",
+        ("serving", "/run/credit-risk/auth/serving.env"): "10001 600",
+        ("sidecar", "/run/credit-risk/auth/sidecar.env"): "10001 600",
     }
-    for (service, name), expected in owners.items():
-        path = f"/run/credit-risk/credentials/{name}"
+    for (service, path), expected in owners.items():
         assert compose.run("exec", "-T", service, "stat", "-c", "%u %a", path).stdout.strip() == expected
+    for service in ("serving", "sidecar"):
+        listing = compose.run("exec", "-T", service, "ls", "-A", "/run/credit-risk/auth").stdout.split()
+        assert listing == [f"{service}.env"], (service, listing)
+    # The admin password from the environment is the one admin.env holds and the server takes.
+    admin_env = compose.run("exec", "-T", "mlflow", "cat", "/run/credit-risk/auth/admin.env").stdout
+    assert f"MLFLOW_TRACKING_PASSWORD={compose.admin_password}\n" in admin_env
     # Over the network (host `db`, the container's own address): loopback is `trust` in the
     # image's pg_hba.conf, and no other client connects that way.
     psql = [
@@ -224,7 +301,7 @@ def test_no_container_shows_the_database_password(compose):
         "--no-password",
         "--command=SELECT 1",
     ]
-    right = compose.run("exec", "-T", "-e", f"PGPASSWORD={compose.db_password}", "db", *psql, check=False)
+    right = compose.run("exec", "-T", "-e", f"PGPASSWORD={db_password}", "db", *psql, check=False)
     assert right.returncode == 0, right.stderr
     wrong = compose.run("exec", "-T", "-e", "PGPASSWORD=mlflow", "db", *psql, check=False)
     assert "password authentication failed" in wrong.stderr, wrong
@@ -291,10 +368,11 @@ def _probe(container: str, port: int, path: str) -> bytes | None:
 
 def test_the_kubernetes_serving_pod_runs_under_its_security_context(compose):
     """The serving pod of deploy/kubernetes/40-serving.yaml as docker can run it: both
-    containers with the manifest's user, read-only root, no capabilities, emptyDir /tmp and one
-    spool volume, against the compose stack's MLflow (same address as in the cluster). The
-    server loads the model from the registry, answers, and the sidecar ships the records."""
-    from tests.test_kubernetes_manifests import _container, _env, _pod_specs
+    containers with the manifest's user, read-only root, no capabilities, emptyDir /tmp, one
+    spool volume and each its identity's credentials file where the manifest mounts its Secret,
+    against the compose stack's MLflow (same address as in the cluster, auth on). The server
+    loads the model from the registry, answers, and the sidecar ships the records."""
+    from tests.test_kubernetes_manifests import _container, _env, _pod_specs, _secret_files
 
     compose.up()
     pod = _pod_specs()["serving"]
@@ -307,9 +385,18 @@ def test_the_kubernetes_serving_pod_runs_under_its_security_context(compose):
             env = {k: v for k, v in _env(container).items() if v is not None}
             env |= {"CREDIT_RISK_REPLICA_ID": "serving-0", "CREDIT_RISK_FLUSH_INTERVAL_S": "2"}
             [spool_mount] = [m for m in container["volumeMounts"] if m["name"] == "spool"]
+            # The identity's Secret as compose's `provision` wrote it: its file, on its volume.
+            [(secret, key)] = set(_secret_files(pod, container).values())
+            [credentials_mount] = {path.rsplit("/", 1)[0] for path in _secret_files(pod, container)}
+            identity = secret.removeprefix("mlflow-")
+            assert (
+                key == f"{identity}.env"
+                and env["CREDIT_RISK_CREDENTIALS_FILE"] == f"{credentials_mount}/{key}"
+            )
             subprocess.run(
                 ["docker", "run", "--detach", "--name", container_name, "--network", f"{compose.project}_default",
                  *_as_docker_run_flags(pod, container), "--volume", f"{spool}:{spool_mount['mountPath']}",
+                 "--volume", f"{compose.project}_auth-{identity}:{credentials_mount}:ro",
                  *[arg for k, v in env.items() for arg in ("--env", f"{k}={v}")],
                  compose.images[1], *container["command"]],
                 check=True, capture_output=True,
