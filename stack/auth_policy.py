@@ -42,11 +42,8 @@ from dataclasses import dataclass
 
 from logging_sidecar.settings import INFERENCE_EXPERIMENT
 from model.identity import REGISTERED_MODEL_NAME
+from monitoring.settings import MONITORING_EXPERIMENT, OUTCOMES_EXPERIMENT
 from training.settings import DEFAULT_EXPERIMENT as TRAINING_EXPERIMENT
-
-# Owned by the monitoring package (issues 19 and 20) once it exists; import them from there then.
-MONITORING_EXPERIMENT = "credit-risk-monitoring"
-OUTCOMES_EXPERIMENT = "credit-risk-outcomes"
 
 ADMIN, TRAINER, OPERATOR, SERVING, SIDECAR, MONITOR = (
     "admin",
