@@ -74,8 +74,11 @@ def add_parsers(subparsers) -> None:
     promote = subparsers.add_parser(
         "promote",
         help="put a version in Production by hand (stage and alias), recording who, when and why",
-        description="Load version N exactly as serving will and score its input example; if that "
-        "works, move stage Production and alias production to it (archiving the previous holder) "
+        description="Check version N exactly as serving will (its run in the training experiment, "
+        "its files against the digests recorded at training, before anything is unpickled; its "
+        "logged held-out rows answered bit for bit as at training), load it and score its input "
+        "example; if that works, move stage Production and alias production to it (archiving the "
+        "previous holder) "
         "and record who ($CREDIT_RISK_ACTOR or user@host), when and why as tags on the version. "
         "The gate is bypassed on purpose.",
     )
@@ -88,7 +91,8 @@ def add_parsers(subparsers) -> None:
         help="put back the version that held Production before the current one",
         description="Put back the version that held Production before the current holder got it, "
         "skipping holders that were themselves rolled back, so a second rollback steps one "
-        "further back. The target is loaded and scored first, as for promote.",
+        "further back. The target is checked, loaded and scored first, as for promote: a target "
+        "trained with code that answers differently is refused.",
     )
     rollback.add_argument("--reason", help="why; recorded on the version put back")
     rollback.set_defaults(handler=run_rollback)
@@ -155,6 +159,14 @@ def _next_rollback(client) -> str:
         return "A rollback now would find no earlier holder to go to"
 
 
+def _verification():
+    """The training experiment and any unverified versions allowed, read from the environment
+    as serving reads them (``model.verified``, imported here: it imports MLflow)."""
+    from model.verified import VerificationSettings
+
+    return VerificationSettings()
+
+
 def run_promote(args) -> int:
     from training import registry
     from training.servability import check_servable
@@ -163,7 +175,7 @@ def run_promote(args) -> int:
     reason = _reason(args.reason)
     if not reason:
         raise UsageError("--reason must say why (it is recorded on the version)")
-    settings = OperatorSettings()
+    settings, verification = OperatorSettings(), _verification()
     _, client = _registry()
     state = registry.read_state(client)
     state.version(version)
@@ -172,7 +184,7 @@ def run_promote(args) -> int:
         return 0
     _warn(state.outside_changes())
     _warn(f"{text}; promote moves both to v{version}" for text in state.divergences())
-    scored = check_servable(version)
+    scored = check_servable(version, verification)
     print(f"Checked v{version}: it loads as serving loads it and scored {scored}")
     promotion = registry.promote(client, version, actor=settings.actor, reason=reason, source="cli")
     archived = f"v{promotion.previous} archived" if promotion.previous else "nothing to archive"
@@ -190,7 +202,7 @@ def run_rollback(args) -> int:
     from training.servability import check_servable
 
     reason = _reason(args.reason)
-    settings = OperatorSettings()
+    settings, verification = OperatorSettings(), _verification()
     _, client = _registry()
     state = registry.read_state(client)
     target = state.rollback_target()
@@ -200,7 +212,7 @@ def run_rollback(args) -> int:
         f"and both move to v{target}"
         for text in state.divergences()
     )
-    scored = check_servable(target)
+    scored = check_servable(target, verification)
     print(f"Checked v{target}: it loads as serving loads it and scored {scored}")
     undone, new = registry.rollback(client, actor=settings.actor, reason=reason, expected=target)
     print(
@@ -217,8 +229,10 @@ def run_rollback(args) -> int:
 # --- status ---------------------------------------------------------------------------------
 
 
-def probe_server(url: str) -> dict:
-    """Which version ``url`` serves and whether it is ready; never raises for a dead server."""
+def probe_server(url: str, production: str | None = None) -> dict:
+    """Which version ``url`` serves and whether it is ready; never raises for a dead server.
+    When it is ready but serves another version than ``production`` (a version refused or not
+    loaded yet), ``detail`` is its own account of why (its readiness ``status``)."""
     url = url.rstrip("/")
     found = {"url": url, "reachable": False, "version": None, "ready": False, "detail": ""}
     try:
@@ -239,8 +253,17 @@ def probe_server(url: str) -> dict:
         details.append(
             f"model metadata answered {metadata.status_code} {metadata.text.strip()[:_DETAIL_CHARS]}".strip()
         )
-    found["detail"] = "; ".join(details)
+    if found["ready"] and found["version"] is not None and production not in (None, found["version"]):
+        details.append(_readiness_status(ready))
+    found["detail"] = "; ".join(detail for detail in details if detail)
     return found
+
+
+def _readiness_status(ready: httpx.Response) -> str:
+    try:
+        return str(ready.json().get("status") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _held_out_scores(client, version) -> dict:
@@ -296,7 +319,7 @@ def status_report(client, state, servers: list[str]) -> dict:
             {**record.as_dict(), "stage": state.versions[record.version].current_stage}
             for record in state.history
         ],
-        "servers": [probe_server(url) for url in servers],
+        "servers": [probe_server(url, holder) for url in servers],
     }
 
 
