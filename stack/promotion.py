@@ -26,6 +26,7 @@ from model.identity import (
     TEST_ROC_AUC_TAG,
     version_uri,
 )
+from model.integrity import MANIFEST_DIGEST_TAG, SHORT_DIGEST_LENGTH
 from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME
 from stack.errors import UsageError
 from stack.local import TrackingServer, use_tracking_server
@@ -299,6 +300,7 @@ def status_report(client, state, servers: list[str]) -> dict:
             "version": holder,
             "model_uri": version_uri(holder),
             "dataset_hash": version.tags.get(DATASET_HASH),
+            "integrity_record": version.tags.get(MANIFEST_DIGEST_TAG),
             "held_out": _held_out_scores(client, version),
             "promotion": None if state.unrecorded_holder or record is None else record.as_dict(),
         }
@@ -334,6 +336,13 @@ def _scores_line(held_out: dict) -> str:
     else:
         parts.append(f"{run}: {held_out.get('run_error', 'no test_* metrics')}")
     return "; ".join(parts)
+
+
+def _integrity_line(digest: str | None) -> str:
+    if not digest:
+        return "no digests recorded on the version (trained before them? serving refuses such a version)"
+    # The version's tag is a copy for people; serving, promote and rollback check the run's.
+    return f"manifest sha256 {digest[:SHORT_DIGEST_LENGTH]} (copy of the training run's record, which serving checks)"
 
 
 def _quoted_reason(record: dict) -> str:
@@ -372,6 +381,7 @@ def format_status(report: dict) -> str:
             f"  alias            {report['alias']['name']} → "
             + (f"v{report['alias']['version']}" if report["alias"]["version"] else "not set"),
             f"  dataset hash     {production['dataset_hash'] or 'not recorded'}",
+            f"  integrity        {_integrity_line(production['integrity_record'])}",
             f"  held-out scores  {_scores_line(production['held_out'])}",
             f"  run in the UI    {production['held_out'].get('run_url') or 'no link'}",
             f"  promoted         {_promotion_line(record) if record else 'no record of it (see Attention)'}",

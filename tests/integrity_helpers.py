@@ -19,6 +19,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from model.identity import HELD_OUT_ARTIFACT, REGISTERED_MODEL_NAME
+from model.integrity import MANIFEST_DIGEST_TAG
 from training import registry
 from training.train import _log_model, record_integrity
 
@@ -43,11 +44,11 @@ def log_version(
                 held_out.to_parquet(path)
                 mlflow.log_artifact(str(path), str(Path(HELD_OUT_ARTIFACT).parent))
             info = _log_model(pipeline, threshold, data, data.features.head(5))
-            record_integrity(client, run.info.run_id, info.model_id)
-        # A local store resolves the logged model through the current tracking URI.
-        version = registry.register(
-            client, info, run.info.run_id, tags=tags or {}, description="integrity test"
-        )
+            digest = record_integrity(client, run.info.run_id, info.model_id)
+        # A local store resolves the logged model through the current tracking URI. The digest's
+        # copy on the version, as training writes it.
+        tags = {**(tags or {}), MANIFEST_DIGEST_TAG: digest}
+        version = registry.register(client, info, run.info.run_id, tags=tags, description="integrity test")
     finally:
         mlflow.set_tracking_uri(None)
     return version.version, run.info.run_id

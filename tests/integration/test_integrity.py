@@ -271,6 +271,8 @@ def test_serving_never_loads_a_tampered_version_nor_one_that_answers_otherwise(
             )
             assert TAMPERED_FILE in lines[running.url] and TAMPERED_FILE in lines[cold.url]
             assert "serving no model, NOT ready (ready answered 503" in lines[cold.url]
+            digest = stack.client.get_model_version(NAME, "3").tags[MANIFEST_DIGEST_TAG]
+            assert f"  integrity        manifest sha256 {digest[:12]} (copy of the training run's" in text
             time.sleep(3)  # a few retries: each is refused again
         answered = {(status, version) for _, status, version, _ in load.answers}
         assert answered == {(200, "2")}, [a for a in load.answers if a[1:3] != (200, "2")][:5]
