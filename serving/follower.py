@@ -4,7 +4,10 @@ Every ``poll_interval_s`` the follower asks MLflow which version the configured 
 (``model.identity.PRODUCTION_MODEL_URI``) resolves to. When that differs from the version being
 served, it loads the new one in a thread (the event loop keeps answering on the old
 one) and hands it to ``swap``. A version that fails to load is retried on a back-off, never in
-a loop, while the old one keeps serving; an unreachable MLflow only delays following.
+a loop, while the old one keeps serving; an unreachable MLflow only delays following. A version
+the loader refuses (``model.verified.VersionRefused``: its files are not the ones training
+recorded, or it answers otherwise than at training) is a failure like any other, retried on
+the same back-off (a repaired version then loads), and reported with its reason.
 
 The stage is the contract (the design's URI); the ``production`` alias is kept in step by
 everything this project writes, so a divergence means someone moved one of them by hand: it is
@@ -24,6 +27,8 @@ from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.tracking import MlflowClient
 from mlserver.logging import logger
 
+from model.verified import VersionRefused
+
 
 @dataclass
 class _Failure:
@@ -34,7 +39,8 @@ class _Failure:
 
 class RegistryFollower:
     """Polls the registry and drives ``load(name, version)`` / ``swap(loaded)`` for one model URI;
-    ``on_load_failure(version)`` is told of every failed attempt.
+    ``on_load_failure(version)`` is told of every failed attempt, and ``on_refused(version,
+    reason)`` of those that were refusals.
 
     ``status`` says, in one line, what is being served or why nothing is: readiness reports it.
     """
@@ -50,6 +56,7 @@ class RegistryFollower:
         load: Callable[[str, str], object],
         swap: Callable[[object], None],
         on_load_failure: Callable[[str], None] = lambda version: None,
+        on_refused: Callable[[str, str], None] = lambda version, reason: None,
     ):
         self.uri = uri
         self._alias = alias
@@ -59,6 +66,7 @@ class RegistryFollower:
         self._load = load
         self._swap = swap
         self._on_load_failure = on_load_failure
+        self._on_refused = on_refused
         self._failures: dict[str, _Failure] = {}
         self._divergence: str | None = None
         self.served: str | None = None
@@ -131,15 +139,19 @@ class RegistryFollower:
     def _record_failure(self, name: str, version: str, error: Exception) -> None:
         attempts = self._failures[version].attempts + 1 if version in self._failures else 1
         delay = min(self._retry_min_s * 2 ** (attempts - 1), self._retry_max_s)
-        text = f"{type(error).__name__}: {error}"
+        refused = isinstance(error, VersionRefused)
+        text = str(error) if refused else f"{type(error).__name__}: {error}"
         self._failures[version] = _Failure(attempts, time.monotonic() + delay, text)
         self._on_load_failure(version)
+        if refused:
+            self._on_refused(version, error.reason)
         kept = f"still serving version {self.served}" if self.served else "nothing is served"
         self.status = (
             f"version {version} of {name} failed to load (attempt {attempts}, next in {delay:.0f} s); "
             f"{kept}: {text}"
         )
-        logger.error(self.status, exc_info=error)
+        # A refusal says all there is to say; a traceback would only bury it.
+        logger.error(self.status, exc_info=None if refused else error)
 
     def _not_following(self, error: Exception) -> str:
         tracking = MlflowClient().tracking_uri

@@ -6,7 +6,10 @@ Labels, the same on every ``credit_risk_*`` metric that has them:
   ``/v2/models/<model>/...``), never the registered model's name;
 - ``version``: the registry version of the registered model (``credit-risk-model``) that
   scored, or failed to load;
-- ``dataset_hash``: the SHA-256 of that version's training file (``model.identity.DATASET_HASH``).
+- ``dataset_hash``: the SHA-256 of that version's training file (``model.identity.DATASET_HASH``);
+- ``reason`` (refusals only): ``integrity`` (its run is not a training run, it has no integrity
+  record, or a file differs from it) or ``answers`` (it answers its logged held-out rows
+  otherwise than at training), as ``model.verified`` says.
 
 MLServer's own ``model_infer_request_*`` metrics take their ``version`` label from the URL
 (``None`` on ``/v2/models/credit-risk/infer``); these carry the version that actually scored,
@@ -50,6 +53,12 @@ def _metrics():
             "Attempts to load a registry version that failed (the served version kept answering)",
             ["model", "version"],
         ),
+        "refused": Counter(
+            "credit_risk_model_refused",
+            "Attempts to load a registry version that were refused by its checks (each is also a "
+            "load failure); the served version kept answering",
+            ["model", "version", "reason"],
+        ),
         "rows": Counter("credit_risk_rows_scored", "Rows scored", _LABELS),
         "requests": Histogram(
             "credit_risk_request_seconds",
@@ -80,6 +89,11 @@ def model_swapped(new: Labels, old: Labels | None, fast_path: bool) -> None:
 def model_load_failed(model: str, version: str) -> None:
     """One failed attempt of the served model ``model`` to load registry version ``version``."""
     _metrics()["load_failures"].labels(model, version).inc()
+
+
+def model_refused(model: str, version: str, reason: str) -> None:
+    """One attempt to load registry ``version`` refused for ``reason`` (see the docstring)."""
+    _metrics()["refused"].labels(model, version, reason).inc()
 
 
 class Meters:

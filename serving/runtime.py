@@ -5,6 +5,11 @@
   ``model.identity.PRODUCTION_MODEL_URI``) moves, in one assignment; each request reads the
   slot once, so its answer, response parameters, captured record and metrics all name the
   same version, through a swap too.
+- A version enters the slot only through ``model.verified``: its files checked against the
+  integrity record training wrote before anything is unpickled, then its logged held-out rows
+  answered bit for bit as at training. A refusal leaves the slot as it is (the follower says
+  why and retries on its back-off) and is counted (``credit_risk_model_refused_total``); the
+  verified folder is kept while its version is served.
 - Requests decode strictly into one float64 matrix (``serving.v2``) and are scored by the
   model's own ``score`` (``model.scoring``): the same code the gate and ``mlflow models serve``
   run, minus the DataFrames. Bad input is a 400 naming the input (``INVALID_ARGUMENT`` over
@@ -53,7 +58,7 @@ from mlserver_mlflow.metadata import (
 )
 from threadpoolctl import threadpool_limits
 
-from model import scoring
+from model import scoring, verified
 from model.identity import DATASET_HASH, utc_timestamp
 from model.schema import OUTPUT_PREDICTION, OUTPUT_PROBABILITY, InvalidFeatures
 from serving import flat_json, metrics, v2
@@ -78,6 +83,7 @@ class Served:
     outputs: list[MetadataTensor]
     content_type: str | None
     info: dict  # what GET /model/info says: the registry's record of this version
+    checked: verified.VerifiedVersion  # how it was checked, and its folder (closed once swapped out)
 
 
 class CreditRiskRuntime(MLflowRuntime):
@@ -114,13 +120,18 @@ class CreditRiskRuntime(MLflowRuntime):
     @property
     def status(self) -> str:
         follower = getattr(self, "_follower", None)
-        return follower.status if follower else "not loaded"
+        if follower is None:
+            return "not loaded"
+        served = self._served
+        unverified = served is not None and served.checked.manifest is None
+        return follower.status + (f"; {served.checked.description}" if unverified else "")
 
     async def load(self) -> bool:
         # One OpenMP thread per process: with more, p99 latency jumped from ~2 ms to ~700 ms
         # whenever another process was busy on the second core.
         threadpool_limits(limits=int(os.environ.get("OMP_NUM_THREADS", "1")), user_api="openmp")
         settings = ServingSettings()
+        self._verification = verified.VerificationSettings()
         uri = await get_model_uri(self._settings)
         self._spool = SpoolWriter(settings.spool) if settings.spool.directory else None
         self._follower = RegistryFollower(
@@ -132,14 +143,24 @@ class CreditRiskRuntime(MLflowRuntime):
             load=self._load_version,
             swap=self._swap,
             on_load_failure=partial(metrics.model_load_failed, self.name),
+            on_refused=partial(metrics.model_refused, self.name),
         )
         self._following = asyncio.create_task(self._follower.run())
         return True
 
     def _load_version(self, registered_name: str, version: str) -> Served:
-        """Runs in a worker thread: everything slow happens here, before the swap."""
+        """Runs in a worker thread: everything slow happens here, before the swap. Raises
+        ``model.verified.VersionRefused`` for a version that must not be served."""
+        checked = verified.load_version(registered_name, version, settings=self._verification)
+        try:
+            return self._describe(registered_name, version, checked)
+        except BaseException:
+            checked.close()
+            raise
+
+    def _describe(self, registered_name: str, version: str, checked: verified.VerifiedVersion) -> Served:
         model_uri = f"models:/{registered_name}/{version}"
-        model = scoring.load(model_uri)
+        model = checked.model
         signature = model.pyfunc.metadata.signature
         dataset_hash = model.dataset_hash
         labels = metrics.Labels(self.name, version, dataset_hash)
@@ -166,6 +187,7 @@ class CreditRiskRuntime(MLflowRuntime):
             inputs=to_metadata_tensors(schema=signature.inputs, prefix=DefaultInputPrefix),
             outputs=to_metadata_tensors(schema=signature.outputs, prefix=DefaultOutputPrefix),
             content_type=to_model_content_type(schema=signature.inputs),
+            checked=checked,
         )
 
     def _swap(self, served: Served) -> None:
@@ -174,6 +196,12 @@ class CreditRiskRuntime(MLflowRuntime):
         metrics.model_swapped(served.labels, previous.labels if previous else None, scorer.fast_path)
         if not scorer.fast_path:
             logger.warning(f"version {served.version}: {scorer.fast_path_status}")
+        checked = served.checked
+        timings = ", ".join(f"{step} {seconds:.2f} s" for step, seconds in checked.seconds.items())
+        log = logger.warning if checked.manifest is None else logger.info
+        log(f"version {served.version}: {checked.description} ({timings})")
+        if previous is not None:  # requests still scoring on it hold the model, not its files
+            previous.checked.close()
 
     async def metadata(self) -> MetadataModelResponse:
         served = self._served
@@ -277,6 +305,8 @@ class CreditRiskRuntime(MLflowRuntime):
             following.cancel()
         if getattr(self, "_spool", None) is not None:
             self._spool.close()
+        if self._served is not None:
+            self._served.checked.close()
         return True
 
     # The inherited MLflow scoring endpoint (/invocations) would bypass the strict decoding

@@ -26,6 +26,7 @@ from model.identity import (
     TEST_ROC_AUC_TAG,
     version_uri,
 )
+from model.integrity import MANIFEST_DIGEST_TAG, SHORT_DIGEST_LENGTH
 from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME
 from stack.errors import UsageError
 from stack.local import TrackingServer, use_tracking_server
@@ -74,8 +75,11 @@ def add_parsers(subparsers) -> None:
     promote = subparsers.add_parser(
         "promote",
         help="put a version in Production by hand (stage and alias), recording who, when and why",
-        description="Load version N exactly as serving will and score its input example; if that "
-        "works, move stage Production and alias production to it (archiving the previous holder) "
+        description="Check version N exactly as serving will (its run in the training experiment, "
+        "its files against the digests recorded at training, before anything is unpickled; its "
+        "logged held-out rows answered bit for bit as at training), load it and score its input "
+        "example; if that works, move stage Production and alias production to it (archiving the "
+        "previous holder) "
         "and record who ($CREDIT_RISK_ACTOR or user@host), when and why as tags on the version. "
         "The gate is bypassed on purpose.",
     )
@@ -88,7 +92,8 @@ def add_parsers(subparsers) -> None:
         help="put back the version that held Production before the current one",
         description="Put back the version that held Production before the current holder got it, "
         "skipping holders that were themselves rolled back, so a second rollback steps one "
-        "further back. The target is loaded and scored first, as for promote.",
+        "further back. The target is checked, loaded and scored first, as for promote: a target "
+        "trained with code that answers differently is refused.",
     )
     rollback.add_argument("--reason", help="why; recorded on the version put back")
     rollback.set_defaults(handler=run_rollback)
@@ -155,6 +160,14 @@ def _next_rollback(client) -> str:
         return "A rollback now would find no earlier holder to go to"
 
 
+def _verification():
+    """The training experiment and any unverified versions allowed, read from the environment
+    as serving reads them (``model.verified``, imported here: it imports MLflow)."""
+    from model.verified import VerificationSettings
+
+    return VerificationSettings()
+
+
 def run_promote(args) -> int:
     from training import registry
     from training.servability import check_servable
@@ -163,7 +176,7 @@ def run_promote(args) -> int:
     reason = _reason(args.reason)
     if not reason:
         raise UsageError("--reason must say why (it is recorded on the version)")
-    settings = OperatorSettings()
+    settings, verification = OperatorSettings(), _verification()
     _, client = _registry()
     state = registry.read_state(client)
     state.version(version)
@@ -172,7 +185,7 @@ def run_promote(args) -> int:
         return 0
     _warn(state.outside_changes())
     _warn(f"{text}; promote moves both to v{version}" for text in state.divergences())
-    scored = check_servable(version)
+    scored = check_servable(version, verification)
     print(f"Checked v{version}: it loads as serving loads it and scored {scored}")
     promotion = registry.promote(client, version, actor=settings.actor, reason=reason, source="cli")
     archived = f"v{promotion.previous} archived" if promotion.previous else "nothing to archive"
@@ -190,7 +203,7 @@ def run_rollback(args) -> int:
     from training.servability import check_servable
 
     reason = _reason(args.reason)
-    settings = OperatorSettings()
+    settings, verification = OperatorSettings(), _verification()
     _, client = _registry()
     state = registry.read_state(client)
     target = state.rollback_target()
@@ -200,7 +213,7 @@ def run_rollback(args) -> int:
         f"and both move to v{target}"
         for text in state.divergences()
     )
-    scored = check_servable(target)
+    scored = check_servable(target, verification)
     print(f"Checked v{target}: it loads as serving loads it and scored {scored}")
     undone, new = registry.rollback(client, actor=settings.actor, reason=reason, expected=target)
     print(
@@ -217,8 +230,10 @@ def run_rollback(args) -> int:
 # --- status ---------------------------------------------------------------------------------
 
 
-def probe_server(url: str) -> dict:
-    """Which version ``url`` serves and whether it is ready; never raises for a dead server."""
+def probe_server(url: str, production: str | None = None) -> dict:
+    """Which version ``url`` serves and whether it is ready; never raises for a dead server.
+    When it is ready but serves another version than ``production`` (a version refused or not
+    loaded yet), ``detail`` is its own account of why (its readiness ``status``)."""
     url = url.rstrip("/")
     found = {"url": url, "reachable": False, "version": None, "ready": False, "detail": ""}
     try:
@@ -239,8 +254,17 @@ def probe_server(url: str) -> dict:
         details.append(
             f"model metadata answered {metadata.status_code} {metadata.text.strip()[:_DETAIL_CHARS]}".strip()
         )
-    found["detail"] = "; ".join(details)
+    if found["ready"] and found["version"] is not None and production not in (None, found["version"]):
+        details.append(_readiness_status(ready))
+    found["detail"] = "; ".join(detail for detail in details if detail)
     return found
+
+
+def _readiness_status(ready: httpx.Response) -> str:
+    try:
+        return str(ready.json().get("status") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _held_out_scores(client, version) -> dict:
@@ -276,6 +300,7 @@ def status_report(client, state, servers: list[str]) -> dict:
             "version": holder,
             "model_uri": version_uri(holder),
             "dataset_hash": version.tags.get(DATASET_HASH),
+            "integrity_record": version.tags.get(MANIFEST_DIGEST_TAG),
             "held_out": _held_out_scores(client, version),
             "promotion": None if state.unrecorded_holder or record is None else record.as_dict(),
         }
@@ -296,7 +321,7 @@ def status_report(client, state, servers: list[str]) -> dict:
             {**record.as_dict(), "stage": state.versions[record.version].current_stage}
             for record in state.history
         ],
-        "servers": [probe_server(url) for url in servers],
+        "servers": [probe_server(url, holder) for url in servers],
     }
 
 
@@ -311,6 +336,13 @@ def _scores_line(held_out: dict) -> str:
     else:
         parts.append(f"{run}: {held_out.get('run_error', 'no test_* metrics')}")
     return "; ".join(parts)
+
+
+def _integrity_line(digest: str | None) -> str:
+    if not digest:
+        return "no digests recorded on the version (trained before them? serving refuses such a version)"
+    # The version's tag is a copy for people; serving, promote and rollback check the run's.
+    return f"manifest sha256 {digest[:SHORT_DIGEST_LENGTH]} (copy of the training run's record, which serving checks)"
 
 
 def _quoted_reason(record: dict) -> str:
@@ -349,6 +381,7 @@ def format_status(report: dict) -> str:
             f"  alias            {report['alias']['name']} → "
             + (f"v{report['alias']['version']}" if report["alias"]["version"] else "not set"),
             f"  dataset hash     {production['dataset_hash'] or 'not recorded'}",
+            f"  integrity        {_integrity_line(production['integrity_record'])}",
             f"  held-out scores  {_scores_line(production['held_out'])}",
             f"  run in the UI    {production['held_out'].get('run_url') or 'no link'}",
             f"  promoted         {_promotion_line(record) if record else 'no record of it (see Attention)'}",

@@ -1,13 +1,16 @@
 """The promotion gate: a candidate replaces Production only when it serves exactly what was
 trained and is not worse than Production on rows neither of them trained on.
 
-1. The candidate is loaded back from the registry with ``model.scoring.load``, the path
-   serving uses, and scores its held-out rows twice: in slices small enough for the flat
+1. The candidate is loaded back from the registry through ``model.verified``, the path
+   serving uses: its files are checked against the integrity record this run has just
+   written, then it scores its logged held-out rows twice, in slices small enough for the flat
    forest (as single requests are answered) and in one batch (scikit-learn's loop). Both
-   must equal, bit for bit, the ``predict_proba`` training computed; a candidate that cannot
-   load or answers differently is refused (``GateRefused``) and never promoted.
-2. Production is scored the same way on the candidate's held-out rows that its own split
-   also held out (``training.split``): rows neither model trained on.
+   must equal, bit for bit, the ``predict_proba`` training computed; a candidate that is
+   refused, cannot load or answers differently is refused (``GateRefused``) and never promoted.
+2. Production is loaded the same way (checked before anything of it is unpickled) and scored
+   on the candidate's held-out rows that its own split also held out (``training.split``):
+   rows neither model trained on. A Production that serving would refuse (no integrity
+   record, changed files, other answers) is no yardstick: not comparable, as in 3.
 3. When Production has no split record (it predates the content split) or another rule, no
    such rows are known: the gate says so (``gate.comparable=false`` and why) and promotes the
    servable candidate, since there is nothing fair to hold against it and a rollback undoes it.
@@ -25,10 +28,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-from model import scoring
-from model.forest import MAX_ROWS as FLAT_FOREST_MAX_ROWS
-from model.identity import version_uri
+from model import scoring, verified
+from model.identity import REGISTERED_MODEL_NAME, version_uri
 from model.schema import TARGET
+from model.scoring import served_probability
 from training import registry, split
 from training.promotion_history import PromotionError
 
@@ -109,37 +112,34 @@ def decide(
     return GateDecision(False, "rejected", f"worse: {comparison}", **common)
 
 
-def served_probability(loaded: scoring.LoadedModel, features: pd.DataFrame) -> np.ndarray:
-    """Probabilities as serving answers them: in flat-forest-sized slices, and checked
-    against one whole batch, so both of serving's tree evaluators are exercised."""
-    values = features.to_numpy(dtype=np.float64)
-    sliced = np.concatenate(
-        [
-            loaded.score(values[i : i + FLAT_FOREST_MAX_ROWS])[1]
-            for i in range(0, len(values), FLAT_FOREST_MAX_ROWS)
-        ]
-    )
-    whole = loaded.score(values)[1]
-    if sliced.tobytes() != whole.tobytes():
-        differ = int(np.sum(sliced != whole))
-        raise ValueError(f"{loaded.uri} answers {differ} rows differently in small and large batches")
-    return whole
+def _load_served(
+    version: str, verification: verified.VerificationSettings | None = None
+) -> scoring.LoadedModel:
+    """``version`` as serving loads it, checked first (``model.verified``); its folder is gone
+    once it is loaded (the model is in memory)."""
+    with verified.verified_version(REGISTERED_MODEL_NAME, version, settings=verification) as checked:
+        return checked.model
 
 
-def _load_served(version: str) -> scoring.LoadedModel:
-    return scoring.load(version_uri(version))
-
-
-def _candidate_probability(version: str, held_out: HeldOut) -> np.ndarray:
+def _candidate_probability(
+    version: str, held_out: HeldOut, verification: verified.VerificationSettings | None = None
+) -> np.ndarray:
     """The candidate's served answers; ``GateRefused`` unless they are training's, bit for bit."""
     uri = version_uri(version)
     try:
-        served = served_probability(_load_served(version), held_out.features)
+        with verified.verified_version(REGISTERED_MODEL_NAME, version, settings=verification) as checked:
+            # Its logged held-out rows, answered exactly as logged (or it would be refused).
+            served = checked.answers.probability
     except Exception as error:  # whatever stops the gate here would stop serving it
         raise GateRefused(
             f"candidate v{version} cannot be served, so it is not promoted: loading {uri} as "
             f"serving does and scoring its held-out rows failed with {type(error).__name__}: {error}"
         ) from error
+    if len(served) != len(held_out.probability):
+        raise GateRefused(
+            f"candidate v{version} is not promoted: its run logged {len(served)} held-out rows, "
+            f"not the {len(held_out.probability)} the gate was given"
+        )
     if served.tobytes() != held_out.probability.tobytes():
         differ = served != held_out.probability
         worst = float(np.nanmax(np.abs(served - held_out.probability)))
@@ -181,8 +181,16 @@ def _record(client: MlflowClient, version: str, run_id: str, decision: GateDecis
         client.set_tag(run_id, key, value)
 
 
-def _evaluate(client, version: str, run_id: str, held_out: HeldOut, tolerance: float, force: bool):
-    candidate = _candidate_probability(version, held_out)
+def _evaluate(
+    client,
+    version: str,
+    run_id: str,
+    held_out: HeldOut,
+    tolerance: float,
+    force: bool,
+    verification: verified.VerificationSettings,
+):
+    candidate = _candidate_probability(version, held_out, verification)
     everything = np.ones(len(candidate), dtype=bool)
     production = registry.production_version(client)
     if production is None:
@@ -193,7 +201,7 @@ def _evaluate(client, version: str, run_id: str, held_out: HeldOut, tolerance: f
     if rows is not None:
         try:
             production_probability = served_probability(
-                _load_served(production.version), held_out.features[rows]
+                _load_served(production.version, verification), held_out.features[rows]
             )
         except Exception as error:  # a Production that cannot be served is no yardstick
             why = (
@@ -236,12 +244,15 @@ def run(
     actor: str | None = None,
     tolerance: float = 0.0,
     force: bool = False,
+    verification: verified.VerificationSettings | None = None,
 ) -> GateDecision:
     """Check, compare and (maybe) promote registered ``version``, recording ``actor`` (default
     user@host) as who promoted it; the decision is tagged on the version and its run. Raises ``GateRefused``,
-    after tagging, when it cannot be served."""
+    after tagging, when it cannot be served. ``verification`` (default: from the environment,
+    as serving reads it) names the training experiment and any unverified versions allowed."""
+    verification = verification or verified.VerificationSettings()
     try:
-        decision = _evaluate(client, version, run_id, held_out, tolerance, force)
+        decision = _evaluate(client, version, run_id, held_out, tolerance, force, verification)
     except GateRefused as refusal:
         _record(client, version, run_id, GateDecision(False, "refused", str(refusal)))
         raise

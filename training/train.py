@@ -1,5 +1,6 @@
 """One training job, stage by stage: data → cross-validation → fit → evaluation → MLflow run →
-registry → gate → promotion. Each stage prints what it does and how long it took."""
+integrity record → registry → gate → promotion. Each stage prints what it does and how long it
+took."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 import model
+from model import verified
 from model.identity import (
     DATASET_HASH,
     HELD_OUT_ARTIFACT,
@@ -40,6 +42,7 @@ from model.identity import (
     THRESHOLD_METRIC,
     TRAINING_CONFIG_TAG,
 )
+from model.integrity import MANIFEST_ARTIFACT, MANIFEST_DIGEST_TAG, build_manifest
 from model.pyfunc import (
     PIPELINE_ARTIFACT,
     THRESHOLD_CONFIG,
@@ -209,6 +212,29 @@ def _log_model(pipeline, threshold: float, data: TrainingData, example: pd.DataF
             metadata={DATASET_HASH: data.fingerprint.sha256},
             pip_requirements=[f"{name}=={installed_version(name)}" for name in _MODEL_REQUIREMENTS],
         )
+
+
+def record_integrity(client: MlflowClient, run_id: str, model_id: str) -> str:
+    """Write run ``run_id``'s integrity record of its logged model ``model_id``: the manifest of
+    the model's files as stored and of the run's held-out rows (``model.integrity``), laid out
+    and downloaded exactly as ``model.verified`` will check them, logged as the run's
+    ``integrity/manifest.json``, and its digest as the run's ``integrity.manifest_sha256`` tag.
+    Returns the digest.
+
+    The files are hashed as the store holds them, not as they were on this disk, so whatever
+    MLflow wrote on upload is what the manifest says. The run is the record because only
+    identities that may write to the training experiment (trainer, admin) can change its
+    artifacts and tags; a version tag could be changed by the operator."""
+    location = client.get_logged_model(model_id).artifact_location
+    with tempfile.TemporaryDirectory() as directory:
+        manifest = build_manifest(verified.download(client, location, run_id, Path(directory) / "version"))
+    client.log_text(run_id, manifest.to_json(), MANIFEST_ARTIFACT)
+    client.set_tag(run_id, MANIFEST_DIGEST_TAG, manifest.digest)
+    print(
+        f"  {len(manifest.files)} files, {manifest.total_bytes / 1e6:.1f} MB; manifest sha256 "
+        f"{manifest.digest} (run tag {MANIFEST_DIGEST_TAG})"
+    )
+    return manifest.digest
 
 
 def _already_registered(
@@ -441,9 +467,13 @@ def _train(settings: TrainingSettings, parameters: TrainingParameters) -> Traini
         evaluated = _evaluate(pipeline, split, threshold, parameters, settings.train_jobs)
         with stage("Logging the model"):
             model_info = _log_model(pipeline, threshold, data, split.x_train.head(5))
+        with stage("Recording the digests of the model's stored files and held-out rows"):
+            digest = record_integrity(client, run.info.run_id, model_info.model_id)
 
     run_id = run.info.run_id
     version = _register(client, model_info, run_id, data, parameters, split, evaluated.metrics)
+    # A copy for people and `status`; checks trust the run's tag (see record_integrity).
+    registry.tag_version(client, version.version, {MANIFEST_DIGEST_TAG: digest})
     decision = _gate(client, version, run_id, split, evaluated, parameters, settings.actor)
     stage_name = PRODUCTION_STAGE if decision.promote else version.current_stage
     return TrainingResult(

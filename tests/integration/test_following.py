@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import grpc
 import httpx
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from mlserver.grpc import dataplane_pb2 as pb
@@ -21,12 +24,15 @@ from mlserver.grpc import model_repository_pb2 as repository_pb
 from mlserver.grpc.dataplane_pb2_grpc import GRPCInferenceServiceStub
 from mlserver.grpc.model_repository_pb2_grpc import ModelRepositoryServiceStub
 
+from model import verified
+from model.identity import HELD_OUT_ARTIFACT
 from serving.settings import MODEL_NAME
 from stack import processes, services
 from tests.helpers import Background, credit_risk, free_port, serving_service
 from tests.integration.test_serving import v2_body
 from training import registry
 from training.data import load_training_data
+from training.train import record_integrity
 
 pytestmark = pytest.mark.integration
 
@@ -142,16 +148,28 @@ def _promote(uri: str, version: str) -> None:
 
 
 def _register_unloadable(uri: str) -> str:
-    """A version of credit-risk-model that is not a credit-risk model: it cannot be served."""
+    """A version of credit-risk-model that is not a credit-risk model: it cannot be served.
+
+    Recorded as training records a version (its run in the training experiment, with held-out
+    rows and an integrity record), so that it passes the integrity check and fails to *load*:
+    the path of any failure other than a refusal (``tests/integration/test_integrity.py`` has
+    the refusals)."""
 
     class Constant(mlflow.pyfunc.PythonModel):
         def predict(self, context, model_input, params=None):
             return model_input
 
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(verified.TRAINING_EXPERIMENT)
     mlflow.set_tracking_uri(uri)
     try:
-        with mlflow.start_run():
+        with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+            with tempfile.TemporaryDirectory() as directory:
+                rows = Path(directory) / Path(HELD_OUT_ARTIFACT).name
+                pd.DataFrame({"probability": [0.5]}).to_parquet(rows)
+                mlflow.log_artifact(str(rows), str(Path(HELD_OUT_ARTIFACT).parent))
             info = mlflow.pyfunc.log_model(name="model", python_model=Constant())
+            record_integrity(client, run.info.run_id, info.model_id)
         version = mlflow.register_model(info.model_uri, registry.REGISTERED_MODEL_NAME)
     finally:
         mlflow.set_tracking_uri(None)
@@ -287,6 +305,9 @@ def test_a_version_that_cannot_load_never_takes_serving_down(server, registry_ur
     failures = [line for line in server.metrics().splitlines()
                 if line.startswith("credit_risk_model_load_failures_total{") and f'version="{broken}"' in line]  # fmt: skip
     assert failures and float(failures[0].split()[-1]) >= 2
+    refused = [line for line in server.metrics().splitlines()
+               if line.startswith("credit_risk_model_refused_total{") and f'version="{broken}"' in line]  # fmt: skip
+    assert not refused, refused  # it passed its checks: a failure to load, not a refusal
     assert httpx.get(f"{server.url}/ping", timeout=10).status_code == 200
     assert httpx.get(f"{server.url}/model/info", timeout=10).json()["model_version"] == served
     assert httpx.get(f"{server.url}/health", timeout=10).json()["model_version"] == served

@@ -275,7 +275,8 @@ class NotACreditRiskModel(mlflow.pyfunc.PythonModel):
 
 
 def register_unservable(client) -> str:
-    """A version that MLflow loads but serving cannot: a trivial pyfunc under our name.
+    """A version that MLflow loads but serving cannot: a trivial pyfunc under our name, logged
+    outside the training experiment (so serving refuses it on that alone).
 
     The run goes to an explicit experiment: ``mlflow.set_experiment`` would pin the
     process-wide active experiment (and MLFLOW_EXPERIMENT_ID) for every later test module."""
@@ -299,7 +300,9 @@ def test_a_version_that_cannot_be_served_is_refused_and_nothing_changes(fresh, c
     assert code == 1
     line = one_error_line(err)
     assert f"v{broken} cannot be served, so Production is left as it is" in line
-    assert "is not a credit-risk model" in line
+    # Its run is outside the training experiment, so the integrity check refuses it before
+    # anything of it is unpickled (tests/integration/test_integrity.py covers the other refusals).
+    assert "refused (integrity): its run" in line and "not in the training experiment" in line
     assert "Promoted" not in out
     assert snapshot(client) == before
 
