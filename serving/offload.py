@@ -18,12 +18,17 @@ Invariants:
 - The work keeps the caller's context variables (MLServer's logging context), as
   ``asyncio.to_thread`` does.
 - Nothing that is not thread-safe runs there: the capture spool is appended to on the loop.
+- A large request's answer is gzip-compressed there too, when the client accepts it
+  (``gzipped``): MLServer's ``GZipMiddleware`` would otherwise compress it on the loop, at
+  level 9 (0.75 s of CPU for the 2.2 MB JSON answer to 100,000 rows), and it leaves a response
+  that already has a ``Content-Encoding`` as it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import gzip
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -37,6 +42,12 @@ OFF_LOOP_BYTES = 64 << 10
 _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="credit-risk-large-request")
 
 
+# zlib's default level: 0.18 s of CPU for that 2.2 MB answer, 1.5 % larger than level 9.
+GZIP_LEVEL = 6
+# Starlette's GZipMiddleware leaves smaller bodies uncompressed (its minimum_size, as MLServer adds it).
+GZIP_MINIMUM_BYTES = 500
+
+
 def is_large(size_bytes: int) -> bool:
     """Whether a request of ``size_bytes`` (body, or values at 8 bytes each) leaves the loop."""
     return size_bytes > OFF_LOOP_BYTES
@@ -46,3 +57,15 @@ async def run(function: Callable[[], T]) -> T:
     """``function()`` in the large-request thread, after the large requests before it."""
     context = contextvars.copy_context()
     return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, context.run, function)
+
+
+def gzipped(
+    body: bytes, headers: dict[str, str], accept_encoding: str | None
+) -> tuple[bytes, dict[str, str]]:
+    """``body`` and its ``headers`` gzip-compressed when ``accept_encoding`` (the request's
+    ``Accept-Encoding``) takes gzip, as Starlette's ``GZipMiddleware`` decides; otherwise as
+    they are. Called in the large-request thread (zlib releases the GIL while it compresses)."""
+    if "gzip" not in (accept_encoding or "") or len(body) < GZIP_MINIMUM_BYTES:
+        return body, headers
+    compressed = gzip.compress(body, GZIP_LEVEL)
+    return compressed, {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}

@@ -49,6 +49,7 @@ from mlflow.tracking import MlflowClient
 from mlserver.errors import MLServerError, ModelNotReady
 from mlserver.handlers import custom_handler
 from mlserver.logging import logger
+from mlserver.settings import Settings as ServerSettings
 from mlserver.types import (
     InferenceRequest,
     InferenceResponse,
@@ -74,6 +75,7 @@ from serving.capture import SpoolWriter, encode
 from serving.follower import RegistryFollower
 from serving.limits import REQUEST_ID_HEADER, check_request_id
 from serving.settings import ServingSettings
+from serving.v2_rest import JSON
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class CreditRiskRuntime(MLflowRuntime):
         threadpool_limits(limits=int(os.environ.get("OMP_NUM_THREADS", "1")), user_api="openmp")
         settings = ServingSettings()
         self._limits = settings.limits
+        self._gzip = ServerSettings().gzip_enabled  # MLServer compresses answers (GZipMiddleware)
         uri = await get_model_uri(self._settings)
         self._spool = SpoolWriter(settings.spool) if settings.spool.directory else None
         self._follower = RegistryFollower(
@@ -216,16 +219,9 @@ class CreditRiskRuntime(MLflowRuntime):
         ``body`` as received (inflated by ``serving.body_limit``), JSON or binary tensors
         (``serving.v2_rest``); ``headers`` case-insensitive, or lower-case keys."""
         served, started_ns, started = self._serving(), time.time_ns(), time.perf_counter()
-        work = partial(
-            self._answer_rest,
-            served,
-            body,
-            headers.get("inference-header-content-length"),
-            headers.get("x-request-id"),
-            started_ns,
-            started,
-        )
-        return self._kept(served, await offload.run(work) if offload.is_large(len(body)) else work())
+        header_length, header_id = headers.get("inference-header-content-length"), headers.get("x-request-id")
+        work = partial(self._answer_rest, served, body, header_length, header_id, started_ns, started)
+        return await self._answer_http(served, work, len(body), headers.get("accept-encoding"))
 
     def _answer_rest(self, served, body, header_length, header_id, started_ns, started) -> _Answered:
         with _counting_rejections(served):
@@ -268,10 +264,10 @@ class CreditRiskRuntime(MLflowRuntime):
         """The earlier design's scoring route: flat JSON object(s) in, flat answers out."""
         served, started_ns, started = self._serving(), time.time_ns(), time.perf_counter()
         body = await request.body()
-        work = partial(
-            self._answer_flat, served, body, request.headers.get("x-request-id"), started_ns, started
-        )
-        return self._kept(served, await offload.run(work) if offload.is_large(len(body)) else work())
+        header_id = request.headers.get("x-request-id")
+        work = partial(self._answer_flat, served, body, header_id, started_ns, started)
+        answer = await self._answer_http(served, work, len(body), request.headers.get("accept-encoding"))
+        return Response(answer.body, headers=answer.headers)
 
     def _answer_flat(self, served, body: bytes, header_id, started_ns, started) -> _Answered:
         with _counting_rejections(served):
@@ -288,8 +284,25 @@ class CreditRiskRuntime(MLflowRuntime):
             batch,
         )
         # Encoded here, where a large batch's answer is built (off the loop), not by FastAPI.
-        response = Response(orjson.dumps(answer), media_type="application/json")
-        return self._answered(served, response, request_id, started_ns, started, values, scored)
+        encoded = RestAnswer(request_id, orjson.dumps(answer), {"Content-Type": JSON})
+        return self._answered(served, encoded, request_id, started_ns, started, values, scored)
+
+    async def _answer_http(
+        self, served: Served, work, body_bytes: int, accept_encoding: str | None
+    ) -> RestAnswer:
+        """``work()`` on the loop for a small body; for a large one in the large-request thread,
+        with its answer compressed there when the client takes gzip (``serving.offload``)."""
+        if not offload.is_large(body_bytes):
+            return self._kept(served, work())
+        return self._kept(served, await offload.run(partial(self._compressed, work, accept_encoding)))
+
+    def _compressed(self, work, accept_encoding: str | None) -> _Answered:
+        answered = work()
+        if self._gzip:
+            answer = answered.answer
+            body, headers = offload.gzipped(answer.body, answer.headers, accept_encoding)
+            answered = answered._replace(answer=answer._replace(body=body, headers=headers))
+        return answered
 
     @custom_handler(rest_path="/model/info", rest_method="GET")
     async def model_info(self) -> dict:
@@ -374,7 +387,7 @@ def _input_metadata(tensor: MetadataTensor) -> MetadataTensor:
 
 
 class RestAnswer(NamedTuple):
-    """A V2 REST answer (``serving.mlserver_hooks.RestAnswer``): its request id, body and headers."""
+    """An HTTP answer (``serving.mlserver_hooks.RestAnswer`` for V2): its request id, body and headers."""
 
     id: str
     body: bytes
