@@ -55,12 +55,12 @@ from mlserver.grpc.dataplane_pb2_grpc import GRPCInferenceServiceStub  # noqa: E
 from mlserver.types import InferenceRequest  # noqa: E402
 
 from model import scoring  # noqa: E402
+from model.identity import REGISTERED_MODEL_NAME  # noqa: E402
 from model.schema import COUNTS, FEATURES  # noqa: E402
 from serving.settings import MODEL_NAME  # noqa: E402
 from stack import processes, services  # noqa: E402
 from tests.helpers import BIN, credit_risk, free_port, mlflow_tracking_server, running, serving_service  # noqa: E402
 from training.data import BUNDLED_SAMPLE, load_training_data  # noqa: E402
-from training.registry import REGISTERED_MODEL_NAME  # noqa: E402
 
 CONCURRENCY = 16
 INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"

@@ -23,6 +23,12 @@ DATASET_HASH = "dataset_hash"
 TRAINING_CONFIG_TAG = "training_config_hash"
 TEST_ROC_AUC_TAG = "test_roc_auc"
 
+# What every training run logs beside its model, read back by the gate, serving's answers
+# check, the operator's commands and monitoring.
+HELD_OUT_ARTIFACT = "evaluation/held_out.parquet"  # held-out rows, label and probability
+REFERENCE_SAMPLE_ARTIFACT = "reference/training_sample.parquet"  # training rows, for drift
+THRESHOLD_METRIC = "threshold"  # the decision threshold chosen at training
+
 # Every setting this project reads from the environment starts with this prefix (MLServer's
 # own ``MLSERVER_*`` and MLflow's ``MLFLOW_*`` variables keep theirs).
 ENV_PREFIX = "CREDIT_RISK_"

@@ -24,17 +24,13 @@ from mlflow.entities import LifecycleStage
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from model.identity import HELD_OUT_ARTIFACT, REFERENCE_SAMPLE_ARTIFACT, THRESHOLD_METRIC
 from model.schema import FEATURES
 from monitoring.profile import PROFILE_FILE, ReferenceProfile, reconstruct_profile
 
 logger = logging.getLogger(__name__)
 
 PROFILE_DIR = "monitoring"
-# Written by training (training/train.py); the names are repeated here until they move to a
-# module both import.
-TRAINING_SAMPLE_ARTIFACT = "reference/training_sample.parquet"
-HELD_OUT_ARTIFACT = "evaluation/held_out.parquet"
-THRESHOLD_METRIC = "threshold"
 
 
 class DeletedExperiment(RuntimeError):
@@ -100,15 +96,15 @@ def reconstruct_from_run(
         threshold = metrics[THRESHOLD_METRIC]
     with tempfile.TemporaryDirectory() as directory:
         frames = {}
-        for artifact in (TRAINING_SAMPLE_ARTIFACT, HELD_OUT_ARTIFACT):
+        for artifact in (REFERENCE_SAMPLE_ARTIFACT, HELD_OUT_ARTIFACT):
             if not _has_artifact(client, run_id, artifact):
                 raise ValueError(f"run {run_id} has no {artifact}: no profile can be reconstructed")
             frames[artifact] = pd.read_parquet(client.download_artifacts(run_id, artifact, directory))
-    sample = frames[TRAINING_SAMPLE_ARTIFACT]
+    sample = frames[REFERENCE_SAMPLE_ARTIFACT]
     return reconstruct_profile(
         sample,
         score(sample[list(FEATURES)]),
         frames[HELD_OUT_ARTIFACT],
         threshold,
-        provenance={"run_id": run_id, "artifacts": [TRAINING_SAMPLE_ARTIFACT, HELD_OUT_ARTIFACT]},
+        provenance={"run_id": run_id, "artifacts": [REFERENCE_SAMPLE_ARTIFACT, HELD_OUT_ARTIFACT]},
     )

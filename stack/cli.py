@@ -1,8 +1,12 @@
 """The ``credit-risk`` command: one entry point for every part of the project.
 
 ``train``, ``serve``, ``sidecar`` and ``tracking-server`` run one part in the foreground; ``promote``,
-``rollback`` and ``status`` move and show Production; ``up`` and ``down`` start and stop the
-whole local stack in the background.
+``rollback`` and ``status`` move and show Production; ``records`` reads inference records
+back; ``up`` and ``down`` start and stop the whole local stack in the background.
+
+Every command that talks to MLflow finds its tracking server through ``stack.local`` (the
+variable, else the local stack ``up`` recorded) and says which on stderr. ``main`` turns what
+a command raised into one ``error:`` line and the exit code of ``stack.errors``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import httpx
@@ -19,25 +24,36 @@ from logging_sidecar import settings as sidecar_settings
 from logging_sidecar.cli import add_parser as add_sidecar_parser
 from serving.cli import add_parser as add_serve_parser
 from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME, SERVING_DIR
-from stack import processes, services, tracking_server
+from stack import local, processes, services, tracking_server
+from stack.errors import FAILED, USAGE, UsageError, settings_errors
+from stack.promotion import add_parsers as add_promotion_parsers
 from training.cli import add_parser as add_train_parser
-from training.promotion_cli import add_parsers as add_promotion_parsers
 
 EXAMPLE_REQUEST = SERVING_DIR / "example-request.json"
+# Commands of other parts that talk to MLflow from their first step: their tracking server is
+# found before they run. The others here find it themselves, once their arguments are checked.
+_FIND_TRACKING_SERVER_FIRST = ("serve", "sidecar", "records")
 
 
 class LocalStack:
     """The three long-running processes of ``credit-risk up``, configured from the flags."""
 
-    def __init__(self, args):
-        self.state_dir: Path = args.state_dir.resolve()
+    def __init__(self, args, backend_store_uri: str | None = None):
+        """``backend_store_uri``: MLflow's store, default SQLite in the state folder."""
+        self.state_dir: Path = (args.state_dir or local.StackSettings().home).resolve()
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(
+                f"--state-dir (or CREDIT_RISK_HOME) {self.state_dir} cannot be used: {error.strerror}"
+            ) from None
         self.tracking_uri = services.tracking_uri(args.mlflow_port)
+        self.ports = {"mlflow_port": args.mlflow_port, "http_port": args.http_port}
+        self.ports["sidecar_port"] = args.sidecar_port
         self.infer_url = f"http://{services.LOOPBACK}:{args.http_port}/v2/models/{MODEL_NAME}/infer"
         spool = self.state_dir / "spool"
         self.mlflow = services.mlflow(
-            self.state_dir / "mlflow",
-            port=args.mlflow_port,
-            backend_store_uri=getattr(args, "backend_store_uri", None),
+            self.state_dir / "mlflow", port=args.mlflow_port, backend_store_uri=backend_store_uri
         )
         self.serving = services.serving(self.tracking_uri, args.http_port, CREDIT_RISK_SPOOL_DIR=str(spool))
         self.sidecar = services.sidecar(self.tracking_uri, spool, args.sidecar_port, supervised=True)
@@ -58,12 +74,32 @@ def up(args) -> int:
     from training.settings import TrainingSettings
     from training.train import stage, summary, train
 
-    stack = LocalStack(args)
+    # Settings are checked before anything starts: a bad one is exit 2 with nothing running.
+    training = TrainingSettings(**({"data": args.data} if args.data else {}))
+    store = tracking_server.TrackingServerSettings(
+        **({"backend_store_uri": args.backend_store_uri} if args.backend_store_uri else {}),
+        artifacts_destination="artifacts",  # up keeps them in its state folder
+    )
+    # --backend-store-uri or MLFLOW_BACKEND_STORE_URI; else SQLite in the state folder, which
+    # may not be the settings' default (--state-dir).
+    stack = LocalStack(
+        args, store.backend_store_uri if "backend_store_uri" in store.model_fields_set else None
+    )
     with stage(f"MLflow tracking server on {stack.tracking_uri}"):
         print(f"  {stack.ensure_running(stack.mlflow, timeout=120)}")
+        recorded = local.record_stack(stack.state_dir, stack.tracking_uri, **stack.ports)
+        found_here = stack.state_dir == local.StackSettings().home.resolve()
+        print(
+            f"  recorded in {recorded}: "
+            + (
+                "credit-risk commands run here use it"
+                if found_here
+                else f"set CREDIT_RISK_HOME={stack.state_dir} to use it"
+            )
+        )
 
-    os.environ["MLFLOW_TRACKING_URI"] = stack.tracking_uri
-    result = train(TrainingSettings(**({"data": args.data} if args.data else {})))
+    os.environ[local.TRACKING_URI_VARIABLE] = stack.tracking_uri
+    result = train(training)
     print(summary(result))
 
     with stage(f"MLServer on {stack.infer_url}"):
@@ -86,6 +122,7 @@ def up(args) -> int:
         f"\nMLflow UI:    {stack.tracking_uri}\n"
         f"V2 endpoint:  {stack.infer_url}\n"
         f"Try it:       curl -s -H 'Content-Type: application/json' -d @{EXAMPLE_REQUEST} {stack.infer_url}\n"
+        f"Status:       {Path(sys.executable).with_name('credit-risk')} status\n"
         f"Logs:         {stack.state_dir / 'logs'}\n"
         f"Stop:         {Path(sys.executable).with_name('credit-risk')} down"
     )
@@ -101,6 +138,16 @@ def down(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1 to 65535), got {text!r}")
+    return port
+
+
 def _add_stack_parsers(subparsers) -> None:
     for name, handler, text in (
         ("up", up, "start MLflow, train on the bundled sample (or --data), serve, and infer once"),
@@ -110,18 +157,16 @@ def _add_stack_parsers(subparsers) -> None:
         parser.add_argument(
             "--state-dir",
             type=Path,
-            default=services.DEFAULT_STATE_DIR,
-            help="where the stack keeps its database, artifacts, logs and pids "
+            help="where the stack keeps its database, artifacts, logs, pids and stack.json "
             "($CREDIT_RISK_HOME, default ./.credit-risk)",
         )
-        parser.add_argument("--mlflow-port", type=int, default=services.MLFLOW_PORT)
-        parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
-        parser.add_argument("--sidecar-port", type=int, default=sidecar_settings.DEFAULT_PORT)
+        parser.add_argument("--mlflow-port", type=_port, default=services.MLFLOW_PORT)
+        parser.add_argument("--http-port", type=_port, default=DEFAULT_HTTP_PORT)
+        parser.add_argument("--sidecar-port", type=_port, default=sidecar_settings.DEFAULT_PORT)
         if name == "up":
             parser.add_argument("--data", type=Path, help="training CSV (default: bundled sample)")
             parser.add_argument(
                 "--backend-store-uri",
-                default=os.environ.get("MLFLOW_BACKEND_STORE_URI"),
                 help="MLflow's runs and registry, e.g. postgresql+psycopg2://user:password@host:5432/db "
                 "($MLFLOW_BACKEND_STORE_URI, default SQLite in the state folder)",
             )
@@ -131,10 +176,11 @@ def _add_stack_parsers(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="credit-risk",
-        description="Train, register, promote and serve the credit-risk model.",
+        description="Train, register, promote and serve the credit-risk model. Exit codes: 0 done, "
+        "1 refused or failed, 2 bad arguments (flags, variables, the training file).",
     )
-    subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
-    add_train_parser(subparsers)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(subparsers, before_mlflow=local.use_tracking_server)
     add_promotion_parsers(subparsers)
     add_serve_parser(subparsers)
     add_sidecar_parser(subparsers)
@@ -143,18 +189,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: object) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command(build_parser().parse_args(argv))  # bad flags: argparse's message, exit 2
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the command ``args`` names; what it raises becomes an exit code (``stack.errors``)."""
     from mlflow.exceptions import MlflowException
+    from pydantic import ValidationError
 
     from training.data import DataError
-    from training.registry import PromotionError
+    from training.promotion_history import PromotionError
 
     try:
+        if args.command in _FIND_TRACKING_SERVER_FIRST:
+            local.use_tracking_server()
         return args.handler(args)
-    except (DataError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except ValidationError as error:  # settings: one line per bad variable or flag
+        for line in settings_errors(error):
+            _error(line)
+        return USAGE
+    except (UsageError, argparse.ArgumentTypeError, DataError) as error:
+        _error(error)
+        return USAGE
     except (
         PromotionError,
         processes.ServiceError,
@@ -163,10 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         httpx.HTTPError,
         ConnectionError,
     ) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        _error(error)
+        return FAILED
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a bug: all of it, for the report
+        traceback.print_exc()
+        return FAILED
 
 
 if __name__ == "__main__":

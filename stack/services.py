@@ -3,7 +3,6 @@ benchmarks alike: the MLflow tracking server, MLServer and the logging sidecar."
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -11,8 +10,6 @@ from stack.processes import Service
 
 LOOPBACK = "127.0.0.1"
 MLFLOW_PORT = 5000
-# Where `credit-risk up` keeps MLflow's SQLite file and artifacts, logs and pids.
-DEFAULT_STATE_DIR = Path(os.environ.get("CREDIT_RISK_HOME", ".credit-risk"))
 
 _BIN = Path(sys.executable).parent
 

@@ -10,10 +10,12 @@ in its place, so signals and the exit code are MLflow's own.
 
 | variable | default | meaning |
 | --- | --- | --- |
-| ``MLFLOW_BACKEND_STORE_URI`` | SQLite in ``./.credit-risk/mlflow`` | runs and registry (``postgresql+psycopg2://user:password@host:5432/db``) |
+| ``MLFLOW_BACKEND_STORE_URI`` | SQLite in ``$CREDIT_RISK_HOME/mlflow`` (``./.credit-risk/mlflow``) | runs and registry (``postgresql+psycopg2://user:password@host:5432/db``) |
 | ``MLFLOW_ARTIFACTS_DESTINATION`` | ``artifacts`` beside the SQLite file | where the server stores artifacts it serves |
 | ``CREDIT_RISK_BACKEND_WAIT_S`` | 0 | how long to wait for an unreachable backend store |
 
+Flags override the variables (``--backend-store-uri``, ``--artifacts-destination``,
+``--wait-s``); ``--host``, ``--port``, ``--workers`` and ``--allowed-hosts`` are flags only.
 The URI goes to MLflow in ``MLFLOW_BACKEND_STORE_URI``, never on its command line, so the
 password does not show in the process list; messages print it masked.
 """
@@ -23,14 +25,19 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from stack.services import DEFAULT_STATE_DIR, LOOPBACK, MLFLOW_PORT, sqlite_uri
+from model.identity import ENV_PREFIX
+from stack.errors import UsageError
+from stack.local import StackSettings
+from stack.services import LOOPBACK, MLFLOW_PORT, sqlite_uri
 
 # The defaults (4 workers plus job consumers) take ~3 GB and ~11 s to become healthy;
 # two workers and no job execution take ~0.8 GB and ~5 s.
@@ -52,36 +59,42 @@ class BackendStoreError(RuntimeError):
 
 
 def _default_backend_store_uri() -> str:
-    return os.environ.get("MLFLOW_BACKEND_STORE_URI") or sqlite_uri(DEFAULT_STATE_DIR / "mlflow")
+    return sqlite_uri(StackSettings().home / "mlflow")
 
 
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {raw!r}")
-    return value
+class TrackingServerSettings(BaseSettings):
+    """Where the tracking server keeps runs, the registry and artifacts; from the
+    environment, flags override."""
 
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, populate_by_name=True, frozen=True)
 
-@dataclass(frozen=True)
-class TrackingServerSettings:
-    backend_store_uri: str = field(default_factory=_default_backend_store_uri)
-    artifacts_destination: str | None = field(
-        default_factory=lambda: os.environ.get("MLFLOW_ARTIFACTS_DESTINATION")
+    backend_store_uri: str = Field(
+        default_factory=_default_backend_store_uri,
+        validation_alias="MLFLOW_BACKEND_STORE_URI",
+        description="runs and registry: a database URL (default SQLite in the local stack's folder)",
     )
-    host: str = LOOPBACK
-    port: int = MLFLOW_PORT
-    workers: int = DEFAULT_WORKERS
-    allowed_hosts: str | None = None
-    wait_s: float = field(default_factory=lambda: _env_seconds("CREDIT_RISK_BACKEND_WAIT_S", 0))
+    artifacts_destination: str | None = Field(
+        None,
+        validation_alias="MLFLOW_ARTIFACTS_DESTINATION",
+        description="where the server stores the artifacts it serves (default: beside a SQLite file)",
+    )
+    wait_s: float = Field(
+        0,
+        ge=0,
+        validation_alias="CREDIT_RISK_BACKEND_WAIT_S",
+        description="how long to wait for an unreachable backend store",
+    )
 
-    def __post_init__(self):
-        if self.wait_s < 0:
-            raise ValueError(f"--wait-s must be >= 0, got {self.wait_s}")
-        describe(self.backend_store_uri)  # a URI SQLAlchemy cannot parse is a bad argument
+    @field_validator("backend_store_uri")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        describe(value)
+        return value
+
+    @model_validator(mode="after")
+    def _artifacts_somewhere(self) -> TrackingServerSettings:
+        self.artifacts()
+        return self
 
     def artifacts(self) -> str:
         """Where artifacts go: as given, or beside a SQLite file (a server has no folder of its own)."""
@@ -96,13 +109,29 @@ class TrackingServerSettings:
         )
 
 
+@dataclass(frozen=True)
+class Listen:
+    """How ``mlflow server`` listens: flags only."""
+
+    host: str = LOOPBACK
+    port: int = MLFLOW_PORT
+    workers: int = DEFAULT_WORKERS
+    allowed_hosts: str | None = None
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise UsageError(f"--port must be a TCP port (1 to 65535), got {self.port}")
+        if self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, got {self.workers}")
+
+
 def describe(uri: str) -> str:
-    """The URI with its password masked, for messages."""
+    """The URI with its password masked, for messages; ``ValueError`` if it is no database URL."""
     try:
         return make_url(uri).render_as_string(hide_password=True)
     except ArgumentError:
         raise ValueError(
-            "backend store URI is not a database URL (expected e.g. postgresql+psycopg2://...)"
+            "must be a database URL such as postgresql+psycopg2://user:password@host:5432/db"
         ) from None
 
 
@@ -154,16 +183,16 @@ def check_backend_store(uri: str, wait_s: float = 0, say=print) -> None:
         time.sleep(RETRY_INTERVAL_S)
 
 
-def mlflow_command(settings: TrackingServerSettings) -> list[str]:
+def mlflow_command(settings: TrackingServerSettings, listen: Listen) -> list[str]:
     command = [
         str(Path(sys.executable).with_name("mlflow")), "server",
-        "--host", settings.host, "--port", str(settings.port),
+        "--host", listen.host, "--port", str(listen.port),
         "--artifacts-destination", settings.artifacts(),
         "--serve-artifacts",
-        "--workers", str(settings.workers),
+        "--workers", str(listen.workers),
     ]  # fmt: skip
-    if settings.allowed_hosts:
-        command += ["--allowed-hosts", settings.allowed_hosts]
+    if listen.allowed_hosts:
+        command += ["--allowed-hosts", listen.allowed_hosts]
     return command
 
 
@@ -173,15 +202,16 @@ def mlflow_environment(settings: TrackingServerSettings) -> dict[str, str]:
     return env
 
 
+def _given(args, names) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def run(args) -> int:
+    listen = Listen(**_given(args, ("host", "port", "workers", "allowed_hosts")))
     settings = TrackingServerSettings(
-        **{
-            key: value
-            for key, value in vars(args).items()
-            if key in TrackingServerSettings.__dataclass_fields__ and value is not None
-        }
+        **_given(args, ("backend_store_uri", "artifacts_destination", "wait_s"))
     )
-    command = mlflow_command(settings)
+    command = mlflow_command(settings, listen)
     check_backend_store(settings.backend_store_uri, settings.wait_s)
     print(f"backend store {describe(settings.backend_store_uri)} answers; starting MLflow", flush=True)
     os.execve(command[0], command, mlflow_environment(settings))
@@ -190,7 +220,12 @@ def run(args) -> int:
 
 def add_parser(subparsers) -> None:
     text_ = "run the MLflow tracking server once its backend store answers"
-    parser = subparsers.add_parser("tracking-server", help=text_, description=text_)
+    parser = subparsers.add_parser(
+        "tracking-server",
+        help=text_,
+        description=f"{text_.capitalize()}. Variables: MLFLOW_BACKEND_STORE_URI, "
+        "MLFLOW_ARTIFACTS_DESTINATION, CREDIT_RISK_BACKEND_WAIT_S; flags override them.",
+    )
     parser.add_argument(
         "--backend-store-uri",
         help="runs and registry ($MLFLOW_BACKEND_STORE_URI, default SQLite in ./.credit-risk/mlflow)",

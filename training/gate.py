@@ -27,9 +27,10 @@ from sklearn.metrics import roc_auc_score
 
 from model import scoring
 from model.forest import MAX_ROWS as FLAT_FOREST_MAX_ROWS
+from model.identity import version_uri
 from model.schema import TARGET
 from training import registry, split
-from training.registry import PromotionError
+from training.promotion_history import PromotionError
 
 ROWS_ARTIFACT = "gate/rows.parquet"
 
@@ -126,12 +127,12 @@ def served_probability(loaded: scoring.LoadedModel, features: pd.DataFrame) -> n
 
 
 def _load_served(version: str) -> scoring.LoadedModel:
-    return scoring.load(f"models:/{registry.REGISTERED_MODEL_NAME}/{version}")
+    return scoring.load(version_uri(version))
 
 
 def _candidate_probability(version: str, held_out: HeldOut) -> np.ndarray:
     """The candidate's served answers; ``GateRefused`` unless they are training's, bit for bit."""
-    uri = f"models:/{registry.REGISTERED_MODEL_NAME}/{version}"
+    uri = version_uri(version)
     try:
         served = served_probability(_load_served(version), held_out.features)
     except Exception as error:  # whatever stops the gate here would stop serving it
@@ -232,11 +233,13 @@ def run(
     run_id: str,
     held_out: HeldOut,
     *,
+    actor: str | None = None,
     tolerance: float = 0.0,
     force: bool = False,
 ) -> GateDecision:
-    """Check, compare and (maybe) promote registered ``version``; the decision is tagged on the
-    version and its run. Raises ``GateRefused``, after tagging, when it cannot be served."""
+    """Check, compare and (maybe) promote registered ``version``, recording ``actor`` (default
+    user@host) as who promoted it; the decision is tagged on the version and its run. Raises ``GateRefused``,
+    after tagging, when it cannot be served."""
     try:
         decision = _evaluate(client, version, run_id, held_out, tolerance, force)
     except GateRefused as refusal:
@@ -244,5 +247,5 @@ def run(
         raise
     _record(client, version, run_id, decision)
     if decision.promote:
-        registry.promote(client, version, reason=f"gate: {decision.reason}", source="gate")
+        registry.promote(client, version, actor=actor, reason=f"gate: {decision.reason}", source="gate")
     return decision

@@ -1,7 +1,18 @@
-"""Training settings: command-line flags over environment variables over defaults.
+"""What a training run is told: ``TrainingSettings``, the process's environment (flags of
+``credit-risk train`` override it), and ``TrainingParameters``, what the flags alone set and
+what, with the data and the code, decides the model (``config_hash``).
 
-MLflow's own variables apply as usual: ``MLFLOW_TRACKING_URI`` (where runs and the registry
-live) and ``MLFLOW_EXPERIMENT_NAME``.
+| variable | default | meaning |
+| --- | --- | --- |
+| ``CREDIT_RISK_DATA`` | the bundled sample | training CSV (``--data``) |
+| ``MLFLOW_EXPERIMENT_NAME`` | ``credit-risk-training`` | experiment of the run (``--experiment``) |
+| ``CREDIT_RISK_RETRAIN`` | 0 | train even when a version of these bytes and configuration exists (``--retrain``) |
+| ``CREDIT_RISK_TRAIN_JOBS`` | 0: one per core | processes for the independent fits and permutation importance |
+| ``CREDIT_RISK_MLFLOW_WAIT_S`` | 0 | how long to wait for the tracking server to answer |
+| ``CREDIT_RISK_MLFLOW_UI_URL`` | ``MLFLOW_TRACKING_URI`` | where people open the MLflow UI, for the run link |
+| ``CREDIT_RISK_ACTOR`` | ``user@host`` | who the gate's promotions are recorded as made by |
+
+MLflow's own ``MLFLOW_TRACKING_URI`` says where runs and the registry live.
 """
 
 from __future__ import annotations
@@ -9,15 +20,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.identity import ENV_PREFIX
 from training.data import BUNDLED_SAMPLE
 from training.pipeline import classifier_params
+from training.promotion_history import ACTOR_VARIABLE, default_actor
 
 DEFAULT_EXPERIMENT = "credit-risk-training"
 _SHAPING_SOURCES = ("model", "training")
+# The parameters that, with the data and the code, decide the model.
+_SHAPING_PARAMETERS = ("seed", "test_size", "cv_folds", "classifier")
 
 
 def _source_hash() -> str:
@@ -30,48 +47,94 @@ def _source_hash() -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class TrainingSettings:
-    data: Path = field(default_factory=lambda: Path(os.environ.get("CREDIT_RISK_DATA", BUNDLED_SAMPLE)))
-    experiment: str = field(
-        default_factory=lambda: os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-    )
-    seed: int = 42
-    test_size: float = 0.2
-    cv_folds: int = 5
-    classifier: dict[str, Any] = field(default_factory=classifier_params)
-    reference_rows: int = 5000
-    gate_tolerance: float = 0.0
-    force_promote: bool = False
-    # How long to wait for the tracking server to answer (containers may start together).
-    mlflow_wait_s: float = field(
-        default_factory=lambda: float(os.environ.get("CREDIT_RISK_MLFLOW_WAIT_S", "0"))
-    )
-    # Where people open the MLflow UI when that differs from MLFLOW_TRACKING_URI (containers).
-    ui_url: str | None = field(default_factory=lambda: os.environ.get("CREDIT_RISK_MLFLOW_UI_URL"))
-    # Processes for the independent fits (CV folds beside the final fit) and the permutation
-    # importance; the model is the same whatever the number.
-    train_jobs: int = field(
-        default_factory=lambda: int(os.environ.get("CREDIT_RISK_TRAIN_JOBS", "0")) or os.cpu_count() or 1
-    )
-    retrain: bool = field(default_factory=lambda: os.environ.get("CREDIT_RISK_RETRAIN", "0") == "1")
+class TrainingSettings(BaseSettings):
+    """The training process's settings, from the environment; flags override them."""
 
-    def __post_init__(self):
-        if not 0 < self.test_size < 1:
-            raise ValueError(f"test_size must be between 0 and 1, got {self.test_size}")
-        if self.cv_folds < 2:
-            raise ValueError(f"cv_folds must be at least 2, got {self.cv_folds}")
-        if self.train_jobs < 1:
-            raise ValueError(f"CREDIT_RISK_TRAIN_JOBS must be at least 1, got {self.train_jobs}")
-        if self.gate_tolerance < 0:
-            raise ValueError(f"gate_tolerance must be >= 0, got {self.gate_tolerance}")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, populate_by_name=True, frozen=True)
+
+    data: Path = Field(
+        BUNDLED_SAMPLE,
+        validation_alias="CREDIT_RISK_DATA",
+        description="training CSV (cs-training.csv layout)",
+    )
+    experiment: str = Field(
+        DEFAULT_EXPERIMENT,
+        min_length=1,
+        validation_alias="MLFLOW_EXPERIMENT_NAME",
+        description="the MLflow experiment of the run",
+    )
+    retrain: bool = Field(
+        False,
+        validation_alias="CREDIT_RISK_RETRAIN",
+        description="train even if a version with this data and configuration exists",
+    )
+    train_jobs: int = Field(
+        0,
+        ge=0,
+        validation_alias="CREDIT_RISK_TRAIN_JOBS",
+        description="processes for the independent fits (CV folds beside the final fit) and the "
+        "permutation importance; 0: one per core. The model is the same whatever the number",
+    )
+    mlflow_wait_s: float = Field(
+        0,
+        ge=0,
+        validation_alias="CREDIT_RISK_MLFLOW_WAIT_S",
+        description="how long to wait for the tracking server to answer (containers may start together)",
+    )
+    mlflow_ui_url: str | None = Field(
+        None,
+        validation_alias="CREDIT_RISK_MLFLOW_UI_URL",
+        description="where people open the MLflow UI, when that differs from MLFLOW_TRACKING_URI",
+    )
+    actor: str = Field(
+        default_factory=default_actor,
+        validation_alias=ACTOR_VARIABLE,
+        description="who the gate's promotions are recorded as made by (default user@host)",
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _a_file(cls, value: Path) -> Path:
+        # Its contents are checked when it is read (``training.data``); a path that is no file
+        # is refused here, before anything starts.
+        if not value.is_file():
+            raise ValueError("no such file")
+        return value
+
+    @field_validator("train_jobs")
+    @classmethod
+    def _one_per_core(cls, value: int) -> int:
+        return value or os.cpu_count() or 1
+
+    @field_validator("actor")
+    @classmethod
+    def _someone(cls, value: str) -> str:
+        return value.strip() or default_actor()
+
+
+class TrainingParameters(BaseModel):
+    """What the flags of ``credit-risk train`` alone set: the split, the cross-validation and
+    the classifier, which shape the model, and how the gate decides."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seed: int = 42
+    test_size: float = Field(0.2, gt=0, lt=1, description="held-out share")
+    cv_folds: int = Field(5, ge=2)
+    classifier: dict[str, Any] = Field(
+        default_factory=classifier_params, description="HistGradientBoostingClassifier parameters"
+    )
+    reference_rows: int = Field(5000, ge=1, description="training rows kept as the drift reference")
+    gate_tolerance: float = Field(0.0, ge=0, description="promote when ROC AUC >= Production's minus this")
+    force_promote: bool = False
+
+    @field_validator("classifier")
+    @classmethod
+    def _known_classifier_parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return classifier_params(value)
 
     def config_hash(self) -> str:
         """Identifies everything that shapes the model besides the data and the code."""
-        shaping = {
-            key: value
-            for key, value in asdict(self).items()
-            if key in ("seed", "test_size", "cv_folds", "classifier")
-        }
+        shaping = self.model_dump(include=set(_SHAPING_PARAMETERS))
         shaping["code"] = _source_hash()
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

@@ -30,7 +30,16 @@ from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 import model
-from model.identity import DATASET_HASH
+from model.identity import (
+    DATASET_HASH,
+    HELD_OUT_ARTIFACT,
+    PRODUCTION_STAGE,
+    REFERENCE_SAMPLE_ARTIFACT,
+    REGISTERED_MODEL_NAME,
+    TEST_ROC_AUC_TAG,
+    THRESHOLD_METRIC,
+    TRAINING_CONFIG_TAG,
+)
 from model.pyfunc import (
     PIPELINE_ARTIFACT,
     THRESHOLD_CONFIG,
@@ -43,13 +52,12 @@ from training.data import TrainingData, load_training_data
 from training.gate import GateDecision
 from training.importance import permutation_importances
 from training.pipeline import build_pipeline
-from training.settings import TrainingSettings
+from training.settings import TrainingParameters, TrainingSettings
 from training.split import RULE as SPLIT_RULE
 from training.split import ContentSplit
 
 # Exact versions of what the model needs at load time, read from this (locked) environment.
 _MODEL_REQUIREMENTS = ("mlflow", "scikit-learn", "pandas", "numpy", "joblib", "cloudpickle")
-HELD_OUT_ARTIFACT = "evaluation/held_out.parquet"
 
 
 @dataclass(frozen=True)
@@ -180,9 +188,9 @@ def _log_reference_sample(features: pd.DataFrame, target: pd.Series, rows: int, 
     if len(sample) > rows:
         sample = sample.sample(n=rows, random_state=seed)
     with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "training_sample.parquet"
+        path = Path(directory) / Path(REFERENCE_SAMPLE_ARTIFACT).name
         sample.to_parquet(path)
-        mlflow.log_artifact(str(path), "reference")
+        mlflow.log_artifact(str(path), str(Path(REFERENCE_SAMPLE_ARTIFACT).parent))
 
 
 def _log_model(pipeline, threshold: float, data: TrainingData, example: pd.DataFrame):
@@ -202,8 +210,10 @@ def _log_model(pipeline, threshold: float, data: TrainingData, example: pd.DataF
         )
 
 
-def _already_registered(client: MlflowClient, data: TrainingData, settings) -> TrainingResult | None:
-    existing = registry.versions_trained_on(client, data.fingerprint.sha256, settings.config_hash())
+def _already_registered(
+    client: MlflowClient, data: TrainingData, parameters: TrainingParameters
+) -> TrainingResult | None:
+    existing = registry.versions_trained_on(client, data.fingerprint.sha256, parameters.config_hash())
     if not existing:
         return None
     newest = max(existing, key=lambda v: int(v.version))
@@ -214,10 +224,11 @@ def _already_registered(client: MlflowClient, data: TrainingData, settings) -> T
     return TrainingResult(None, None, newest.version, newest.current_stage, False, reason, skipped=True)
 
 
-def check_tracking_server(wait_s: float = 0) -> None:
-    """Wait up to ``wait_s`` for the tracking server, then fail with a clear message (MLflow's
-    client would retry for minutes before saying anything)."""
-    uri = mlflow.get_tracking_uri().rstrip("/")
+def check_tracking_server(wait_s: float = 0, uri: str | None = None) -> None:
+    """Wait up to ``wait_s`` for the tracking server (``uri``, default MLflow's current one),
+    then fail with a clear message (MLflow's client would retry for minutes before saying
+    anything)."""
+    uri = (uri or mlflow.get_tracking_uri()).rstrip("/")
     if not uri.startswith(("http://", "https://")):
         return
     deadline = time.monotonic() + wait_s
@@ -234,13 +245,15 @@ def check_tracking_server(wait_s: float = 0) -> None:
             time.sleep(1)
 
 
-def train(settings: TrainingSettings) -> TrainingResult:
+def train(settings: TrainingSettings, parameters: TrainingParameters | None = None) -> TrainingResult:
+    """One training job: ``settings`` from the environment (and flags), ``parameters`` from
+    the flags (default: the defaults)."""
     # One OpenMP thread in this process: the fits run in worker processes of their own, and
     # what is left here (predicting held-out rows, the gate) is what serving does with one
     # thread. With two, every predict crawled whenever anything else held the other core
     # (the gate took 52 s instead of 11 s in a measured run).
     with _quiet_mlflow(), threadpool_limits(1, user_api="openmp"):
-        return _train(settings)
+        return _train(settings, parameters or TrainingParameters())
 
 
 class Split(NamedTuple):
@@ -251,49 +264,48 @@ class Split(NamedTuple):
     rule: ContentSplit
 
 
-def _split(data: TrainingData, settings: TrainingSettings) -> Split:
-    with stage(
-        f"Splitting {1 - settings.test_size:.0%}/{settings.test_size:.0%} by row content ({SPLIT_RULE})"
-    ):
-        rule = ContentSplit.of(data.features, data.target, settings.test_size)
+def _split(data: TrainingData, parameters: TrainingParameters) -> Split:
+    share = parameters.test_size
+    with stage(f"Splitting {1 - share:.0%}/{share:.0%} by row content ({SPLIT_RULE})"):
+        rule = ContentSplit.of(data.features, data.target, share)
         held = rule.evaluation
         return Split(data.features[~held], data.features[held], data.target[~held], data.target[held], rule)
 
 
-def _log_settings(settings: TrainingSettings, split: Split) -> None:
-    mlflow.set_tag(registry.TRAINING_CONFIG_TAG, settings.config_hash())
+def _log_parameters(parameters: TrainingParameters, split: Split) -> None:
+    mlflow.set_tag(TRAINING_CONFIG_TAG, parameters.config_hash())
     mlflow.set_tags(split.rule.tags())
     mlflow.log_params(
         {
-            "seed": settings.seed,
-            "test_size": settings.test_size,
-            "cv_folds": settings.cv_folds,
+            "seed": parameters.seed,
+            "test_size": parameters.test_size,
+            "cv_folds": parameters.cv_folds,
             "train_rows": len(split.y_train),
             "test_rows": len(split.y_test),
-            **{f"classifier.{k}": v for k, v in settings.classifier.items()},
+            **{f"classifier.{k}": v for k, v in parameters.classifier.items()},
         }
     )
 
 
-def _fit_and_choose_threshold(pipeline, split: Split, settings: TrainingSettings):
+def _fit_and_choose_threshold(pipeline, split: Split, parameters: TrainingParameters, jobs: int):
     """Cross-validate on the training split beside the final fit; the threshold is the
     out-of-fold best F1. Returns the fitted pipeline and the threshold."""
     with stage(
-        f"Cross-validating on the training split ({settings.cv_folds} folds) and fitting the final "
-        f"model on {len(split.y_train)} rows, {settings.train_jobs} parallel job(s)"
+        f"Cross-validating on the training split ({parameters.cv_folds} folds) and fitting the final "
+        f"model on {len(split.y_train)} rows, {jobs} parallel job(s)"
     ):
         fitted, out_of_fold, fold_scores = _fit_and_cross_validate(
             pipeline,
             split.x_train,
             split.y_train,
-            settings.cv_folds,
-            settings.seed,
-            settings.train_jobs,
+            parameters.cv_folds,
+            parameters.seed,
+            jobs,
             True,
         )
         threshold = evaluation.f1_optimal_threshold(split.y_train.to_numpy(), out_of_fold)
     mean, std = float(np.mean(fold_scores)), float(np.std(fold_scores))
-    mlflow.log_metrics({"cv_roc_auc_mean": mean, "cv_roc_auc_std": std, "threshold": threshold})
+    mlflow.log_metrics({"cv_roc_auc_mean": mean, "cv_roc_auc_std": std, THRESHOLD_METRIC: threshold})
     print(f"  CV ROC AUC {mean:.4f} ± {std:.4f}; threshold {threshold:.4f} (best F1 out of fold)")
     return fitted, threshold
 
@@ -312,14 +324,16 @@ def _log_held_out(split: Split, probability: np.ndarray) -> None:
         mlflow.log_artifact(str(path), str(Path(HELD_OUT_ARTIFACT).parent))
 
 
-def _evaluate(pipeline, split: Split, threshold: float, settings: TrainingSettings) -> Evaluated:
+def _evaluate(
+    pipeline, split: Split, threshold: float, parameters: TrainingParameters, jobs: int
+) -> Evaluated:
     """Held-out metrics, plots, feature importance and the drift reference, all logged."""
     with stage(f"Evaluating on {len(split.y_test)} held-out rows"):
         probability = pipeline.predict_proba(split.x_test)[:, 1]
         metrics = evaluation.classification_metrics(split.y_test.to_numpy(), probability, threshold)
         mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
         result = permutation_importances(
-            pipeline, split.x_test, split.y_test, repeats=5, seed=settings.seed, jobs=settings.train_jobs
+            pipeline, split.x_test, split.y_test, repeats=5, seed=parameters.seed, jobs=jobs
         )
         importance = pd.DataFrame(
             {
@@ -329,7 +343,7 @@ def _evaluate(pipeline, split: Split, threshold: float, settings: TrainingSettin
             }
         ).sort_values("importance_mean", ascending=False)
         _log_figures(split.y_test.to_numpy(), probability, importance)
-        _log_reference_sample(split.x_train, split.y_train, settings.reference_rows, settings.seed)
+        _log_reference_sample(split.x_train, split.y_train, parameters.reference_rows, parameters.seed)
         _log_held_out(split, probability)
     print(
         f"  test ROC AUC {metrics['roc_auc']:.4f}, PR AUC {metrics['pr_auc']:.4f}, "
@@ -339,17 +353,17 @@ def _evaluate(pipeline, split: Split, threshold: float, settings: TrainingSettin
 
 
 def _register(
-    client, model_info, run_id: str, data: TrainingData, settings, split: Split, metrics
+    client, model_info, run_id: str, data: TrainingData, parameters: TrainingParameters, split: Split, metrics
 ) -> ModelVersion:
-    with stage(f"Registering as {registry.REGISTERED_MODEL_NAME}"):
+    with stage(f"Registering as {REGISTERED_MODEL_NAME}"):
         return registry.register(
             client,
             model_info,
             run_id,
             tags={
                 DATASET_HASH: data.fingerprint.sha256,
-                registry.TRAINING_CONFIG_TAG: settings.config_hash(),
-                "test_roc_auc": f"{metrics['roc_auc']:.6f}",
+                TRAINING_CONFIG_TAG: parameters.config_hash(),
+                TEST_ROC_AUC_TAG: f"{metrics['roc_auc']:.6f}",
                 **split.rule.tags(),
             },
             description=f"Trained on {data.path.name} (sha256 {data.fingerprint.sha256}), "
@@ -358,7 +372,13 @@ def _register(
 
 
 def _gate(
-    client, version: ModelVersion, run_id: str, split: Split, evaluated: Evaluated, settings
+    client,
+    version: ModelVersion,
+    run_id: str,
+    split: Split,
+    evaluated: Evaluated,
+    parameters: TrainingParameters,
+    actor: str,
 ) -> GateDecision:
     with stage("Gate: the candidate as served, then Production, on held-out rows neither trained on"):
         held_out = gate.HeldOut(
@@ -369,8 +389,9 @@ def _gate(
             version.version,
             run_id,
             held_out,
-            tolerance=settings.gate_tolerance,
-            force=settings.force_promote,
+            actor=actor,
+            tolerance=parameters.gate_tolerance,
+            force=parameters.force_promote,
         )
     print(f"  {'promoted' if decision.promote else 'NOT promoted'}: {decision.reason}")
     if decision.comparable is False:
@@ -378,40 +399,44 @@ def _gate(
     return decision
 
 
-def _train(settings: TrainingSettings) -> TrainingResult:
-    check_tracking_server(settings.mlflow_wait_s)
-    client = MlflowClient()
+def _train(settings: TrainingSettings, parameters: TrainingParameters) -> TrainingResult:
+    # The file first: a bad one is refused before anything reaches MLflow, server or not.
     with stage(f"Reading and checking {settings.data}"):
         data = load_training_data(settings.data)
     fingerprint = data.fingerprint
     print(f"  {fingerprint.rows} rows, {fingerprint.columns} columns, sha256 {fingerprint.sha256}")
-    if not settings.retrain and (skipped := _already_registered(client, data, settings)):
+    check_tracking_server(settings.mlflow_wait_s)
+    client = MlflowClient()
+    if not settings.retrain and (skipped := _already_registered(client, data, parameters)):
         return skipped
 
-    split = _split(data, settings)
-    pipeline = build_pipeline(settings.classifier, settings.seed)
+    split = _split(data, parameters)
+    pipeline = build_pipeline(parameters.classifier, parameters.seed)
     mlflow.set_experiment(experiment_id=registry.model_training_experiment(client, settings.experiment))
     with mlflow.start_run(run_name=f"train-{fingerprint.sha256[:8]}") as run:
         _log_dataset(data)
-        _log_settings(settings, split)
-        pipeline, threshold = _fit_and_choose_threshold(pipeline, split, settings)
-        evaluated = _evaluate(pipeline, split, threshold, settings)
+        _log_parameters(parameters, split)
+        pipeline, threshold = _fit_and_choose_threshold(pipeline, split, parameters, settings.train_jobs)
+        evaluated = _evaluate(pipeline, split, threshold, parameters, settings.train_jobs)
         with stage("Logging the model"):
             model_info = _log_model(pipeline, threshold, data, split.x_train.head(5))
 
     run_id = run.info.run_id
-    version = _register(client, model_info, run_id, data, settings, split, evaluated.metrics)
-    decision = _gate(client, version, run_id, split, evaluated, settings)
-    stage_name = registry.PRODUCTION_STAGE if decision.promote else version.current_stage
+    version = _register(client, model_info, run_id, data, parameters, split, evaluated.metrics)
+    decision = _gate(client, version, run_id, split, evaluated, parameters, settings.actor)
+    stage_name = PRODUCTION_STAGE if decision.promote else version.current_stage
     return TrainingResult(
-        run_id, _run_url(run, settings.ui_url), version.version, stage_name, decision.promote, decision.reason
+        run_id,
+        _run_url(run, settings.mlflow_ui_url),
+        version.version,
+        stage_name,
+        decision.promote,
+        decision.reason,
     )
 
 
 def summary(result: TrainingResult) -> str:
-    lines = [
-        f"model:   {registry.REGISTERED_MODEL_NAME} version {result.model_version} (stage {result.stage})"
-    ]
+    lines = [f"model:   {REGISTERED_MODEL_NAME} version {result.model_version} (stage {result.stage})"]
     if result.run_url:
         lines.insert(0, f"run:     {result.run_url}")
     lines.append(f"outcome: {result.reason}")

@@ -15,12 +15,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import model
+from model.identity import HELD_OUT_ARTIFACT, REGISTERED_MODEL_NAME
 from model.pyfunc import PIPELINE_ARTIFACT, THRESHOLD_CONFIG, CreditRiskModel, model_signature
 from model.schema import FEATURES, TARGET
 from tests.helpers import credit_risk, mlflow_tracking_server
 from training import gate, registry, split
-from training.registry import REGISTERED_MODEL_NAME
-from training.train import HELD_OUT_ARTIFACT
 
 pytestmark = pytest.mark.integration
 

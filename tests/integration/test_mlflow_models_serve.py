@@ -15,12 +15,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from model import scoring
+from model.identity import REGISTERED_MODEL_NAME
 from model.schema import FEATURES
 from stack import processes
 from tests.helpers import REPO, free_port
 from tests.integration.test_serving import infer, outputs, v2_body
 from training.data import load_training_data
-from training.registry import REGISTERED_MODEL_NAME, production_version
+from training.registry import production_version
 
 pytestmark = pytest.mark.integration
 

@@ -29,10 +29,10 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import create_engine, text
 
 from logging_sidecar.reader import read_records
+from model.identity import PRODUCTION_ALIAS, REGISTERED_MODEL_NAME
 from serving.settings import MODEL_NAME, SERVING_DIR
 from stack import processes, services
 from tests.helpers import credit_risk, free_port, running, serving_service
-from training.registry import PRODUCTION_ALIAS, REGISTERED_MODEL_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -274,15 +274,19 @@ def test_mlflow_waits_for_a_database_that_starts_later(tmp_path):
         shutil.rmtree(cluster.folder, ignore_errors=True)
 
 
-def test_up_passes_its_backend_store_uri_to_mlflow(postgres, tmp_path):
-    """`credit-risk up --backend-store-uri`: the URI reaches the launcher, whose refusal stops
-    `up` with the reason (the same server path as the first test, which trains on it)."""
+@pytest.mark.parametrize("given_by", ["flag", "variable"])
+def test_up_passes_its_backend_store_uri_to_mlflow(postgres, tmp_path, given_by):
+    """`credit-risk up --backend-store-uri` or `MLFLOW_BACKEND_STORE_URI`: the URI reaches the
+    launcher, whose refusal stops `up` with the reason (the same server path as the first
+    test, which trains on it)."""
     wrong = "not-" + postgres.password
     flags = ["--state-dir", str(tmp_path), "--mlflow-port", str(free_port()),
              "--http-port", str(free_port()), "--sidecar-port", str(free_port())]  # fmt: skip
-    up = credit_risk(
-        "up", *flags, "--backend-store-uri", postgres.url(password=wrong), tracking_uri=NO_SERVER
-    )
+    uri = postgres.url(password=wrong)
+    if given_by == "flag":
+        up = credit_risk("up", *flags, "--backend-store-uri", uri, tracking_uri=NO_SERVER)
+    else:
+        up = credit_risk("up", *flags, tracking_uri=NO_SERVER, MLFLOW_BACKEND_STORE_URI=uri)
     assert up.returncode == 1, up.stdout + up.stderr
     assert "mlflow exited with code 1 before it was healthy" in up.stderr, up.stderr
     assert 'password authentication failed for user "mlflow"' in up.stderr, up.stderr

@@ -25,6 +25,7 @@ from model.identity import DATASET_HASH, PRODUCTION_ALIAS, REGISTERED_MODEL_NAME
 from stack.cli import main
 from tests.helpers import credit_risk, free_port, mlflow_tracking_server, running, serving_service
 from training import registry
+from training.promotion_history import ACTOR_VARIABLE, PromotionError
 from training.settings import DEFAULT_EXPERIMENT
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ def client(trained_uri, trained_version, monkeypatch):
     """This module's registry as the in-process commands see it (another test module may have
     pinned mlflow's tracking URI, which would win over the environment)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_uri)
-    monkeypatch.delenv(registry.ACTOR_VARIABLE, raising=False)
+    monkeypatch.delenv(ACTOR_VARIABLE, raising=False)
     mlflow.set_tracking_uri(trained_uri)
     yield MlflowClient(trained_uri)
     mlflow.set_tracking_uri(None)
@@ -117,11 +118,14 @@ def snapshot(client):
 
 def promote_all(client, *versions) -> None:
     for version in versions:
-        registry.promote(client, version, reason=f"set-up {version}", source="cli")
+        registry.promote(client, version, actor="set-up", reason=f"set-up {version}", source="cli")
 
 
 def one_error_line(err: str) -> str:
+    """The one ``error:`` line, after the line naming the tracking server if there is one."""
     lines = err.strip().splitlines()
+    if lines and lines[0].startswith("tracking server: "):
+        lines = lines[1:]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
@@ -147,7 +151,7 @@ def test_promote_moves_stage_and_alias_and_records_who_when_and_why(fresh, capsy
         == f"{getpass.getuser()}@{socket.gethostname()}"
     )
 
-    monkeypatch.setenv(registry.ACTOR_VARIABLE, "alice (on call)")
+    monkeypatch.setenv(ACTOR_VARIABLE, "alice (on call)")
     code, out, err = cli(capsys, "promote", "--version", "2", "--reason", "better recall")
     assert code == 0, err
     assert stages(client) == {"1": "Archived", "2": "Production"}
@@ -158,7 +162,7 @@ def test_promote_moves_stage_and_alias_and_records_who_when_and_why(fresh, capsy
     assert tags["promotion.reason"] == "better recall"
     assert tags["promotion.source"] == "cli"
     assert tags["promotion.previous"] == "1"
-    at = datetime.strptime(tags["promotion.at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    at = datetime.strptime(tags["promotion.at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     assert abs(datetime.now(UTC) - at) < timedelta(minutes=5)
     assert "Checked v2: it loads as serving loads it and scored 5 rows of its input example" in out
     assert (
@@ -200,17 +204,17 @@ def test_two_rollbacks_step_back_twice_and_a_third_is_refused(fresh, capsys):
 def test_rollback_goes_to_the_holder_before_the_current_one_skipping_rolled_back_ones(fresh):
     client = fresh(3)
     promote_all(client, 1, 2, 3)
-    registry.rollback(client)  # 3 → 2
-    registry.rollback(client)  # 2 → 1
+    registry.rollback(client, actor="test")  # 3 → 2
+    registry.rollback(client, actor="test")  # 2 → 1
     promote_all(client, 3)
     # v3 took over from v1; v2 held Production before that but was rolled back.
-    undone, new = registry.rollback(client)
+    undone, new = registry.rollback(client, actor="test")
     assert (undone.version, new.version) == ("3", "1")
 
     promote_all(client, 2, 3, 2)  # the stack is now 1, 3, 2: each version once, latest stint
-    assert [registry.rollback(client)[1].version for _ in range(2)] == ["3", "1"]
-    with pytest.raises(registry.PromotionError, match="nothing to roll back to"):
-        registry.rollback(client)
+    assert [registry.rollback(client, actor="test")[1].version for _ in range(2)] == ["3", "1"]
+    with pytest.raises(PromotionError, match="nothing to roll back to"):
+        registry.rollback(client, actor="test")
 
 
 def test_a_change_made_in_the_mlflow_ui_is_reported_and_becomes_history(fresh, capsys):
@@ -345,12 +349,13 @@ def test_no_registered_model_is_a_clear_error(client, capsys, trained_uri):
     assert client.search_registered_models() == []
 
 
-def test_unreachable_mlflow_is_a_clear_error(client, capsys):
+def test_unreachable_mlflow_is_a_clear_error(client, capsys, monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"
     result = credit_risk("status", tracking_uri=uri, timeout=120)
     assert result.returncode == 1
+    assert result.stderr.startswith(f"tracking server: {uri} (MLFLOW_TRACKING_URI)\n"), result.stderr
     assert f"MLflow tracking server at {uri} is not reachable" in one_error_line(result.stderr)
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for args in (("promote", "--version", "1", "--reason", "x"), ("rollback",)):
         code, _, err = cli(capsys, *args)
         assert code == 1 and f"MLflow tracking server at {uri} is not reachable" in one_error_line(err)

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from model.identity import DATASET_HASH, REGISTERED_MODEL_NAME
+from model.identity import DATASET_HASH, PRODUCTION_MODEL_URI, REGISTERED_MODEL_NAME
 from model.schema import COUNTS, FEATURES
 from serving.settings import MODEL_NAME, MODEL_URI, SERVING_DIR
 from tests.helpers import REPO
 from training.data import load_training_data, sha256_of_file
-from training.registry import PRODUCTION_MODEL_URI, production_version
+from training.registry import production_version
 
 pytestmark = pytest.mark.integration
 

@@ -5,8 +5,9 @@ import hashlib
 import pytest
 from mlflow.tracking import MlflowClient
 
+from model.identity import PRODUCTION_ALIAS, REGISTERED_MODEL_NAME
 from tests.helpers import credit_risk, mlflow_tracking_server
-from training.registry import PRODUCTION_ALIAS, REGISTERED_MODEL_NAME, production_version
+from training.registry import production_version
 
 pytestmark = pytest.mark.integration
 

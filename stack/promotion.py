@@ -1,31 +1,73 @@
-"""``credit-risk promote``, ``rollback`` and ``status``: Production moved by hand, and what
-is in it, recorded in and read from the registry (``training.registry``).
+"""``credit-risk promote``, ``rollback`` and ``status``: the operator's commands. Production
+moved by hand, and what is in it, recorded in and read from the registry
+(``training.registry``, with the rules in ``training.promotion_history``), and what the
+MLServer instances actually serve, asked over HTTP.
 
-Exit codes: 0 done (or nothing to do), 1 refused or failed (the registry is unchanged),
-2 bad arguments. MLflow and the registry module are imported inside the commands, so that
-`credit-risk --help` stays fast.
+Exit codes (``stack.errors``): 0 done (or nothing to do), 1 refused or failed (the registry is
+unchanged), 2 bad arguments. Flags are checked before anything talks to MLflow. MLflow and the
+registry are imported inside the commands, so that `credit-risk --help` stays fast.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import httpx
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.identity import DATASET_HASH, TEST_ROC_AUC_TAG
+from model.identity import (
+    DATASET_HASH,
+    ENV_PREFIX,
+    PRODUCTION_ALIAS,
+    PRODUCTION_STAGE,
+    REGISTERED_MODEL_NAME,
+    TEST_ROC_AUC_TAG,
+    version_uri,
+)
 from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME
+from stack.errors import UsageError
+from stack.local import TrackingServer, use_tracking_server
 from stack.services import LOOPBACK
+from training.promotion_history import ACTOR_VARIABLE, PromotionError, default_actor
 
 _SERVER_TIMEOUT_S = 5.0
 _DETAIL_CHARS = 300
 
 
-def default_server() -> str:
-    """The local MLServer, on ``$MLSERVER_HTTP_PORT`` or MLServer's default port."""
-    port = os.environ.get("MLSERVER_HTTP_PORT") or DEFAULT_HTTP_PORT
-    return f"http://{LOOPBACK}:{port}"
+class OperatorSettings(BaseSettings):
+    """What the operator's commands read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, populate_by_name=True, frozen=True)
+
+    actor: str = Field(
+        default_factory=default_actor,
+        validation_alias=ACTOR_VARIABLE,
+        description="who promotions and rollbacks are recorded as made by (default user@host)",
+    )
+    mlserver_http_port: int = Field(
+        DEFAULT_HTTP_PORT,
+        gt=0,
+        lt=65536,
+        validation_alias="MLSERVER_HTTP_PORT",
+        description="MLServer's own variable: the port of the local server status asks by default",
+    )
+
+    @field_validator("actor")
+    @classmethod
+    def _someone(cls, value: str) -> str:
+        return value.strip() or default_actor()
+
+
+def default_servers(settings: OperatorSettings, server: TrackingServer) -> list[str]:
+    """The MLServer ``status`` asks unless told: the local stack's when that is the tracking
+    server in use (and ``MLSERVER_HTTP_PORT`` does not say otherwise), else the local one on
+    ``$MLSERVER_HTTP_PORT`` or MLServer's default port."""
+    port = settings.mlserver_http_port
+    if server.stack is not None and "mlserver_http_port" not in settings.model_fields_set:
+        port = server.stack.http_port
+    return [f"http://{LOOPBACK}:{port}"]
 
 
 def add_parsers(subparsers) -> None:
@@ -63,7 +105,8 @@ def add_parsers(subparsers) -> None:
         dest="servers",
         action="append",
         metavar="URL",
-        help="an MLServer to ask (repeatable; default: the local one, http://127.0.0.1:$MLSERVER_HTTP_PORT)",
+        help="an MLServer to ask (repeatable; default: the local stack's, or "
+        "http://127.0.0.1:$MLSERVER_HTTP_PORT)",
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(handler=run_status)
@@ -71,7 +114,7 @@ def add_parsers(subparsers) -> None:
 
 def _version_number(text: str) -> str:
     if not text.strip().isdigit() or int(text) < 1:
-        raise ValueError(f"--version must be a registry version number such as 3, got {text!r}")
+        raise UsageError(f"--version must be a registry version number such as 3, got {text!r}")
     return str(int(text))
 
 
@@ -80,7 +123,7 @@ def _reason(text: str | None) -> str:
 
     text = (text or "").strip()
     if len(text) > MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH:
-        raise ValueError(
+        raise UsageError(
             f"--reason has {len(text)} characters; the registry keeps at most "
             f"{MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH}"
         )
@@ -88,13 +131,14 @@ def _reason(text: str | None) -> str:
 
 
 def _registry():
-    """A client for ``$MLFLOW_TRACKING_URI``, once the server answers."""
+    """The tracking server in use (said on stderr) and a client for it, once it answers."""
     from mlflow.tracking import MlflowClient
 
     from training.train import check_tracking_server
 
-    check_tracking_server()
-    return MlflowClient()
+    server = use_tracking_server()
+    check_tracking_server(uri=server.uri)
+    return server, MlflowClient(server.uri)
 
 
 def _warn(messages: list[str]) -> None:
@@ -107,32 +151,34 @@ def _next_rollback(client) -> str:
 
     try:
         return f"A rollback now would go to v{registry.read_state(client).rollback_target()}"
-    except registry.PromotionError:
+    except PromotionError:
         return "A rollback now would find no earlier holder to go to"
 
 
 def run_promote(args) -> int:
     from training import registry
+    from training.servability import check_servable
 
     version = _version_number(args.version)
     reason = _reason(args.reason)
     if not reason:
-        raise ValueError("--reason must say why (it is recorded on the version)")
-    client = _registry()
+        raise UsageError("--reason must say why (it is recorded on the version)")
+    settings = OperatorSettings()
+    _, client = _registry()
     state = registry.read_state(client)
     state.version(version)
     if state.holder == version and not state.divergences() and not state.unrecorded_holder:
-        print(f"v{version} is already in {registry.PRODUCTION_STAGE} (stage and alias); nothing changed")
+        print(f"v{version} is already in {PRODUCTION_STAGE} (stage and alias); nothing changed")
         return 0
     _warn(state.outside_changes())
     _warn(f"{text}; promote moves both to v{version}" for text in state.divergences())
-    scored = registry.check_servable(version)
+    scored = check_servable(version)
     print(f"Checked v{version}: it loads as serving loads it and scored {scored}")
-    promotion = registry.promote(client, version, reason=reason, source="cli")
+    promotion = registry.promote(client, version, actor=settings.actor, reason=reason, source="cli")
     archived = f"v{promotion.previous} archived" if promotion.previous else "nothing to archive"
     print(
-        f"Promoted {registry.REGISTERED_MODEL_NAME} v{version} to {registry.PRODUCTION_STAGE} "
-        f"(promotion #{promotion.seq}); {archived}; alias {registry.PRODUCTION_ALIAS} → v{version}\n"
+        f"Promoted {REGISTERED_MODEL_NAME} v{version} to {PRODUCTION_STAGE} "
+        f"(promotion #{promotion.seq}); {archived}; alias {PRODUCTION_ALIAS} → v{version}\n"
         f"Recorded on v{version}: by {promotion.by} at {promotion.at}, reason {promotion.reason!r}\n"
         f"{_next_rollback(client)}"
     )
@@ -141,24 +187,26 @@ def run_promote(args) -> int:
 
 def run_rollback(args) -> int:
     from training import registry
+    from training.servability import check_servable
 
     reason = _reason(args.reason)
-    client = _registry()
+    settings = OperatorSettings()
+    _, client = _registry()
     state = registry.read_state(client)
     target = state.rollback_target()
     _warn(state.outside_changes())
     _warn(
-        f"{text}; rolling back from stage {registry.PRODUCTION_STAGE} (what serving follows), "
+        f"{text}; rolling back from stage {PRODUCTION_STAGE} (what serving follows), "
         f"and both move to v{target}"
         for text in state.divergences()
     )
-    scored = registry.check_servable(target)
+    scored = check_servable(target)
     print(f"Checked v{target}: it loads as serving loads it and scored {scored}")
-    undone, new = registry.rollback(client, reason=reason, expected=target)
+    undone, new = registry.rollback(client, actor=settings.actor, reason=reason, expected=target)
     print(
-        f"Rolled back {registry.REGISTERED_MODEL_NAME}: {registry.PRODUCTION_STAGE} "
+        f"Rolled back {REGISTERED_MODEL_NAME}: {PRODUCTION_STAGE} "
         f"v{undone.version} → v{new.version} (promotion #{new.seq}); v{undone.version} archived; "
-        f"alias {registry.PRODUCTION_ALIAS} → v{new.version}\n"
+        f"alias {PRODUCTION_ALIAS} → v{new.version}\n"
         f"Recorded on v{new.version}: by {new.by} at {new.at}, reason {new.reason!r}; "
         f"v{undone.version}'s promotion #{undone.seq} is marked rolled back\n"
         f"{_next_rollback(client)}"
@@ -217,30 +265,30 @@ def _held_out_scores(client, version) -> dict:
 
 
 def status_report(client, state, servers: list[str]) -> dict:
-    from training import registry
+    from training.promotion_history import Promotion
 
     holder = state.holder
     production = None
     if holder is not None:
         version = state.versions[holder]
-        record = registry.Promotion.from_version(version)
+        record = Promotion.from_version(version)
         production = {
             "version": holder,
-            "model_uri": f"models:/{registry.REGISTERED_MODEL_NAME}/{holder}",
+            "model_uri": version_uri(holder),
             "dataset_hash": version.tags.get(DATASET_HASH),
             "held_out": _held_out_scores(client, version),
             "promotion": None if state.unrecorded_holder or record is None else record.as_dict(),
         }
     try:
         rollback_target = state.rollback_target()
-    except registry.PromotionError:
+    except PromotionError:
         rollback_target = None
     return {
-        "registered_model": registry.REGISTERED_MODEL_NAME,
+        "registered_model": REGISTERED_MODEL_NAME,
         "tracking_uri": client.tracking_uri,
         "production": production,
         "stage_versions": state.stage_versions,
-        "alias": {"name": registry.PRODUCTION_ALIAS, "version": state.alias_version},
+        "alias": {"name": PRODUCTION_ALIAS, "version": state.alias_version},
         "divergences": state.divergences(),
         "outside_changes": state.outside_changes(),
         "rollback_target": rollback_target,
@@ -332,8 +380,9 @@ def format_status(report: dict) -> str:
 def run_status(args) -> int:
     from training import registry
 
-    client = _registry()
+    settings = OperatorSettings()
+    server, client = _registry()
     state = registry.read_state(client)
-    report = status_report(client, state, args.servers or [default_server()])
+    report = status_report(client, state, args.servers or default_servers(settings, server))
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0
