@@ -20,6 +20,7 @@ metrics port exposes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import NamedTuple
 
@@ -69,6 +70,12 @@ def _metrics():
         "rejected": Counter(
             "credit_risk_requests_rejected", "Requests answered 4xx for invalid input", _LABELS
         ),
+        "bodies_refused": Counter(
+            "credit_risk_request_bodies_refused",
+            "REST request bodies refused before any route read them: 413 over the body limit "
+            "(counted after decompression), 415 an encoding other than gzip or deflate, 400 not inflatable",
+            ["model", "status"],
+        ),
         "captured": Counter("credit_risk_capture_rows", "Scored rows appended to the capture spool", _LABELS),
         "dropped": Counter(
             "credit_risk_capture_dropped_rows",
@@ -94,6 +101,15 @@ def model_load_failed(model: str, version: str) -> None:
 def model_refused(model: str, version: str, reason: str) -> None:
     """One attempt to load registry ``version`` refused for ``reason`` (see the docstring)."""
     _metrics()["refused"].labels(model, version, reason).inc()
+
+
+def body_refusals(model: str) -> Callable[[int], None]:
+    """The ``on_refused(status)`` callback of ``serving.body_limit.BodyLimit`` for the served model
+    ``model``: no version label, since these requests are refused before any version is read.
+    The 413 series exists (at 0) from the start, so that a rate over it needs no special case."""
+    counter = _metrics()["bodies_refused"]
+    counter.labels(model, "413")
+    return lambda status: counter.labels(model, str(status)).inc()
 
 
 class Meters:

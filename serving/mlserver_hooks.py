@@ -20,18 +20,30 @@ Hooks, why each is needed, and the test that exercises it:
   ``test_following.py::test_metadata_versioned_routes_and_metrics_follow_the_swap``.
 - **``OneModelServer._create_servers``** (private, overridden): MLServer's REST server, built
   on ``ClosedRepositoryHandlers``; the gRPC server replaced by ``ClosedGRPCServer``; the
-  readiness routes replaced. Test: ``test_following.py::test_repository_api_is_closed_on_rest_and_grpc``.
+  readiness and inference routes replaced; ``serving.body_limit.BodyLimit`` added around
+  MLServer's REST app (its private ``RESTServer._app``) before it starts, outermost, so that
+  no route sees a body over the limit or a compressed one (MLServer's ``Request.body``
+  gunzips without a bound whenever the header says gzip). Tests:
+  ``test_following.py::test_repository_api_is_closed_on_rest_and_grpc``,
+  ``test_request_limits.py`` (compression bombs, the server's memory).
 - **``ClosedRepositoryHandlers``** (``ModelRepositoryHandlers`` without its repository or
   registry): the repository API (index, load, unload) would let anyone on the inference port
   change what is served; REST answers 403. Test: the same.
 - **``ServingInferenceServicer``** (MLServer's ``InferenceServicer``): the three repository
   RPCs answer ``PERMISSION_DENIED`` (test: the same). Its private ``_InsertHeaders``, which
-  decodes every request, is wrapped: MLServer answers a raw tensor it cannot unpack
-  ``INTERNAL`` with ``struct``'s message ("unpack requires a buffer of 24 bytes"); here it is
-  ``INVALID_ARGUMENT`` naming the input, found by ``raw_tensor_problem`` (which reads the
-  private ``mlserver.raw._DatatypeToCtype``) once decoding has failed. Tests:
-  ``tests/test_mlserver_hooks.py`` (each problem, against MLServer's own converter),
+  decodes every request, is rewritten around MLServer's converter: MLServer answers a raw
+  tensor it cannot unpack ``INTERNAL`` with ``struct``'s message ("unpack requires a buffer
+  of 24 bytes"); here it is ``INVALID_ARGUMENT`` naming the input, found by
+  ``raw_tensor_problem`` (which reads the private ``mlserver.raw._DatatypeToCtype``) once
+  decoding has failed. Tests: ``tests/test_mlserver_hooks.py`` (each problem, against
+  MLServer's own converter),
   ``test_serving.py::test_grpc_malformed_raw_tensor_is_invalid_argument_naming_the_input``.
+  Its ``ModelInfer`` is a copy of MLServer's (with the private ``_GetReturnRaw`` and
+  ``_SetTrailingMetadata``) that decodes a large message in the large-request thread
+  (``serving.offload``). Tests: ``test_request_limits.py`` (gRPC at the row limit, probes).
+- **413 is ``RESOURCE_EXHAUSTED`` over gRPC**: an entry added to MLServer's
+  ``mlserver.grpc.utils.STATUS_CODE_MAPPING``, which has none for 413 (``UNKNOWN``). Test:
+  ``test_request_limits.py::test_rows_over_the_limit_are_413_on_every_route``.
 - **``ClosedGRPCServer._create_server``** (private; a copy of ``GRPCServer._create_server``
   that also calls the private ``_get_options``): registers the servicer above and not the
   deprecated ``ModelRepositoryService`` (its calls are ``UNIMPLEMENTED``), adds no tracing
@@ -45,6 +57,17 @@ Hooks, why each is needed, and the test that exercises it:
   all and an empty 400 otherwise; the launcher's says which version and why not. Tests:
   ``test_following.py::test_started_before_mlflow_and_any_model_is_alive_not_ready_then_serves``,
   ``test_serving_readiness.py``.
+- **``replace_inference_routes``** (the same route surgery): the four routes MLServer answers
+  with ``Endpoints.infer`` (``/infer``, ``/generate``, each with and without a version) are
+  answered by ``OneModelServer.infer``, which hands the raw body and headers to the runtime's
+  ``infer_rest`` (``serving.v2_rest``: ``NaN`` as missing, binary tensors, one-line errors)
+  instead of letting FastAPI validate the body into MLServer's pydantic ``InferenceRequest``.
+  It keeps what MLServer's route did, through two private pieces: the private
+  ``DataPlane._infer_contextmanager`` (model lookup with the 404 above, readiness,
+  ``model_infer_request_*`` metrics, model context) and
+  ``CloudEventsMiddleware._get_headers`` (the ``Ce-*`` answer headers). Tests:
+  ``test_open_inference_clients.py`` (every client, the headers, the metrics),
+  ``test_following.py::test_metadata_versioned_routes_and_metrics_follow_the_swap``.
 - **``OneModelServer.stop``** (overridden to run once): uvicorn (0.54) captures SIGTERM for
   each of its two servers and raises it again after its own shutdown, so MLServer's handler
   would otherwise run once per server. Tests: ``test_serving_readiness.py::test_sigterm_stops_once_and_exits_0``,
@@ -97,19 +120,24 @@ import asyncio
 import math
 import struct
 from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Protocol
 
 import grpc
-from fastapi import status
+from fastapi import Request, status
 from fastapi.responses import Response
 from grpc import aio
 from mlserver import MLServer
 from mlserver.batching import load_batching
+from mlserver.cloudevents import CloudEventsMiddleware, CloudEventsTypes
 from mlserver.errors import MLServerError, ModelNotFound
 from mlserver.grpc import GRPCServer
 from mlserver.grpc import dataplane_pb2 as pb
+from mlserver.grpc.converters import ModelInferRequestConverter, ModelInferResponseConverter
 from mlserver.grpc.dataplane_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
 from mlserver.grpc.interceptors import LoggingInterceptor, PromServerInterceptor
 from mlserver.grpc.servicers import InferenceServicer
+from mlserver.grpc.utils import STATUS_CODE_MAPPING, handle_mlserver_error, to_headers
 from mlserver.handlers import ModelRepositoryHandlers
 from mlserver.model import MLModel
 from mlserver.raw import _DatatypeToCtype
@@ -117,8 +145,18 @@ from mlserver.registry import MultiModelRegistry
 from mlserver.rest.app import APIRoute
 from mlserver.settings import ModelSettings, Settings
 from mlserver.types import Datatype
+from mlserver.utils import insert_headers
+
+from serving import metrics, offload
+from serving.body_limit import BodyLimit
+from serving.limits import RequestLimits
 
 _STOP_TIMEOUT_S = 30  # for the servers that started when another could not
+
+# A request over one of serving's limits (HTTP 413, ``serving.errors.RequestTooLarge``) is
+# RESOURCE_EXHAUSTED over gRPC, the code grpc itself answers a message over its size limit with
+# (MLServer's mapping has no 413: it would be UNKNOWN).
+STATUS_CODE_MAPPING[status.HTTP_413_REQUEST_ENTITY_TOO_LARGE] = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 CONTROL_CLOSED = (
     "model control is closed on this server: it serves whatever version the registry's "
@@ -208,20 +246,45 @@ def _bytes_framing_problem(content: bytes) -> str | None:
     return None
 
 
+def _decoded(request: pb.ModelInferRequest):
+    """MLServer's conversion of a request; what it raises on a malformed one becomes a 400,
+    which gRPC answers ``INVALID_ARGUMENT``. Checked only after it failed: well-formed requests
+    pay nothing."""
+    try:
+        return ModelInferRequestConverter.to_types(request)
+    except (struct.error, IndexError, ValueError, TypeError) as error:
+        problem = raw_tensor_problem(request) or f"the request cannot be decoded: {error}"
+        raise MLServerError(problem, status.HTTP_400_BAD_REQUEST) from error
+
+
 class ServingInferenceServicer(InferenceServicer):
     """MLServer's gRPC inference service with its three repository methods refused, and a
     request it could not decode refused as ``INVALID_ARGUMENT`` naming the input."""
 
+    @handle_mlserver_error
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        """MLServer's ``ModelInfer``, except that a large request (``serving.offload``) is
+        decoded in the large-request thread: MLServer's conversion of a 100,000-row message
+        takes ~80 ms of CPU, which the event loop's other requests and probes would wait for."""
+        use_raw = InferenceServicer._GetReturnRaw(request)
+        if offload.is_large(request.ByteSize()):
+            headers = to_headers(context)  # the context is read on the loop only
+            payload = await offload.run(partial(_decoded, request))
+            insert_headers(payload, headers)
+        else:
+            payload = self._InsertHeaders(request, context)
+        result = await self._data_plane.infer(
+            payload=payload, name=request.model_name, version=request.model_version
+        )
+        self._SetTrailingMetadata(result, context)
+        return ModelInferResponseConverter.from_types(result, use_raw=use_raw)
+
     def _InsertHeaders(self, request, context):
-        """MLServer's decoding of a request (``ModelInfer`` and ``ModelStreamInfer`` call it,
-        inside ``handle_mlserver_error``); what it raises on a malformed one becomes a 400,
-        which gRPC answers ``INVALID_ARGUMENT``. Checked only after it failed: well-formed
-        requests pay nothing."""
-        try:
-            return super()._InsertHeaders(request, context)
-        except (struct.error, IndexError, ValueError, TypeError) as error:
-            problem = raw_tensor_problem(request) or f"the request cannot be decoded: {error}"
-            raise MLServerError(problem, status.HTTP_400_BAD_REQUEST) from error
+        """MLServer's decoding of a request and its headers (``ModelInfer`` and
+        ``ModelStreamInfer`` call it, inside ``handle_mlserver_error``), decoding as below."""
+        payload = _decoded(request)
+        insert_headers(payload, to_headers(context))
+        return payload
 
     async def RepositoryIndex(self, request, context):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, CONTROL_CLOSED)
@@ -254,22 +317,59 @@ class ClosedGRPCServer(GRPCServer):
 
 ServerReadiness = Callable[[], Awaitable[Response]]
 ModelReadiness = Callable[[str, str | None], Awaitable[Response]]
+Inference = Callable[[Request, str, str | None], Awaitable[Response]]
 
 
 def replace_readiness_routes(app, server_ready: ServerReadiness, model_ready: ModelReadiness) -> None:
     """Answer MLServer's three readiness routes with ``server_ready`` and ``model_ready``
     (``model_ready(model_name, model_version=None)``), in the same places of the route list."""
-    replacements = {
-        "/v2/health/ready": server_ready,
-        "/v2/models/{model_name}/ready": model_ready,
-        "/v2/models/{model_name}/versions/{model_version}/ready": model_ready,
-    }
+    _replace_routes(
+        app,
+        {
+            "/v2/health/ready": server_ready,
+            "/v2/models/{model_name}/ready": model_ready,
+            "/v2/models/{model_name}/versions/{model_version}/ready": model_ready,
+        },
+        "GET",
+    )
+
+
+# The routes MLServer answers with ``Endpoints.infer`` (``generate`` is the same handler).
+INFERENCE_PATHS = (
+    "/v2/models/{model_name}/infer",
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    "/v2/models/{model_name}/generate",
+    "/v2/models/{model_name}/versions/{model_version}/generate",
+)
+
+
+def replace_inference_routes(app, infer: Inference) -> None:
+    """Answer MLServer's REST inference routes with ``infer(request, model_name,
+    model_version=None)``, which reads the body itself: FastAPI then neither reads nor
+    validates it into MLServer's pydantic ``InferenceRequest`` (which refuses ``NaN`` and reads
+    a binary body as JSON)."""
+    _replace_routes(app, dict.fromkeys(INFERENCE_PATHS, infer), "POST")
+
+
+def _replace_routes(app, endpoints: dict[str, Callable], method: str) -> None:
+    """Each route of ``app`` whose path is a key of ``endpoints`` answered by its endpoint
+    instead, with MLServer's own ``APIRoute``, in the same place of the route list."""
+    missing = dict(endpoints)
     routes = app.router.routes
     for index, route in enumerate(routes):
-        if getattr(route, "path", None) in replacements:
-            routes[index] = APIRoute(route.path, replacements.pop(route.path), methods=["GET"])
-    if replacements:
-        raise RuntimeError(f"MLServer {MLSERVER_VERSION}'s REST app has no route(s) {sorted(replacements)}")
+        path = getattr(route, "path", None)
+        if path in missing:
+            routes[index] = APIRoute(path, missing.pop(path), methods=[method])
+    if missing:
+        raise RuntimeError(f"MLServer {MLSERVER_VERSION}'s REST app has no route(s) {sorted(missing)}")
+
+
+class RestAnswer(Protocol):
+    """What a runtime's ``infer_rest`` returns: the answer's request id, body and headers."""
+
+    id: str
+    body: bytes
+    headers: dict[str, str]
 
 
 async def _listening(what: str, address: str, server: Awaitable[None]) -> None:
@@ -288,8 +388,12 @@ class OneModelServer(MLServer):
     """MLServer serving one model, in this process, with the hooks above: a subclass answers
     readiness (``server_ready``, ``model_ready``)."""
 
-    def __init__(self, settings: Settings, model_settings: ModelSettings):
+    def __init__(self, settings: Settings, model_settings: ModelSettings, limits: RequestLimits):
         self.model_settings = model_settings
+        self.limits = limits
+        # The CloudEvents headers MLServer's data plane adds to every answer (``Ce-Id`` is the
+        # request id); the REST inference route below adds them itself.
+        self._cloud_events = CloudEventsMiddleware(settings)
         super().__init__(settings)
 
     async def server_ready(self) -> Response:
@@ -297,6 +401,20 @@ class OneModelServer(MLServer):
 
     async def model_ready(self, model_name: str, model_version: str | None = None) -> Response:
         raise NotImplementedError
+
+    async def infer(self, request: Request, model_name: str, model_version: str | None = None) -> Response:
+        """The V2 REST inference routes: the runtime's ``infer_rest(body, headers)`` decodes,
+        scores and encodes (``RestAnswer``); this adds what MLServer's route would. It runs in
+        MLServer's ``DataPlane._infer_contextmanager`` (private), which finds the model (404
+        for another version, through ``ServedVersionRegistry``), refuses it while not ready,
+        sets MLServer's model context and keeps its ``model_infer_request_*`` metrics; the
+        answer gets the CloudEvents headers of ``CloudEventsMiddleware._get_headers``
+        (private), as MLServer's own route gives them."""
+        body = await request.body()
+        async with self._data_plane._infer_contextmanager(model_name, model_version) as model:
+            answer: RestAnswer = await model.infer_rest(body, request.headers)
+        events = self._cloud_events._get_headers(CloudEventsTypes.Response, model.settings, answer.id)
+        return Response(answer.body, headers={**answer.headers, **events})
 
     async def served_model(self) -> MLModel | None:
         """The one model's runtime, once ``start`` registered it."""
@@ -322,7 +440,17 @@ class OneModelServer(MLServer):
         self._grpc_server = ClosedGRPCServer(
             self._settings, self._data_plane, self._model_repository_handlers
         )
-        replace_readiness_routes(self._rest_server._app, self.server_ready, self.model_ready)
+        app = self._rest_server._app
+        replace_readiness_routes(app, self.server_ready, self.model_ready)
+        replace_inference_routes(app, self.infer)
+        # Outermost, before the app starts: no body over the limit (after decompression)
+        # reaches any route, and none arrives compressed (MLServer's ``Request.body`` would
+        # gunzip it without a bound).
+        app.add_middleware(
+            BodyLimit,
+            max_bytes=self.limits.max_body_bytes,
+            on_refused=metrics.body_refusals(self.model_settings.name),
+        )
 
     async def stop(self, sig: int | None = None) -> None:
         """Once, however many times it is asked (see the module docstring)."""

@@ -10,10 +10,17 @@
   answered bit for bit as at training. A refusal leaves the slot as it is (the follower says
   why and retries on its back-off) and is counted (``credit_risk_model_refused_total``); the
   verified folder is kept while its version is served.
-- Requests decode strictly into one float64 matrix (``serving.v2``) and are scored by the
-  model's own ``score`` (``model.scoring``): the same code the gate and ``mlflow models serve``
-  run, minus the DataFrames. Bad input is a 400 naming the input (``INVALID_ARGUMENT`` over
-  gRPC).
+- Requests decode strictly into one float64 matrix, NaN for a missing value: V2 REST from its
+  raw body (``infer_rest``, ``serving.v2_rest``: JSON with ``null`` or ``NaN``, or binary
+  tensors), gRPC from the request MLServer decoded (``predict``, ``serving.v2``), ``/predict``
+  from its flat JSON (``serving.flat_json``), all through the same value checks. They are
+  scored by the model's own ``score`` (``model.scoring``): the same code the gate and
+  ``mlflow models serve`` run, minus the DataFrames. Bad input is a 400 naming the input
+  (``INVALID_ARGUMENT`` over gRPC); a request over a limit (``serving.limits``, read once at
+  load) a 413 naming it (``RESOURCE_EXHAUSTED``).
+- A large request is decoded, scored (in slices of ``SCORE_SLICE_ROWS``) and encoded in the
+  large-request thread (``serving.offload``), so that probes and small requests keep being
+  answered; its metrics and capture record are kept on the event loop, like everyone's.
 - The registry version and ``dataset_hash`` are in the model metadata, every response's
   ``parameters`` and this runtime's Prometheus metrics (``serving.metrics``).
 - Every answered request is appended to the capture spool (``serving.capture``) before its
@@ -29,18 +36,25 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
+import numpy as np
+import orjson
 from fastapi import Request
+from fastapi.responses import Response
 from mlflow.tracking import MlflowClient
 from mlserver.errors import MLServerError, ModelNotReady
 from mlserver.handlers import custom_handler
 from mlserver.logging import logger
+from mlserver.settings import Settings as ServerSettings
 from mlserver.types import (
     InferenceRequest,
     InferenceResponse,
@@ -60,11 +74,13 @@ from threadpoolctl import threadpool_limits
 
 from model import scoring, verified
 from model.identity import DATASET_HASH, utc_timestamp
-from model.schema import OUTPUT_PREDICTION, OUTPUT_PROBABILITY, InvalidFeatures
-from serving import flat_json, metrics, v2
+from model.schema import OUTPUT_PREDICTION, OUTPUT_PROBABILITY, InvalidFeatures, check_values
+from serving import flat_json, metrics, offload, v2, v2_rest
 from serving.capture import SpoolWriter, encode
 from serving.follower import RegistryFollower
+from serving.limits import REQUEST_ID_HEADER, check_request_id
 from serving.settings import ServingSettings
+from serving.v2_rest import JSON
 
 
 @dataclass(frozen=True)
@@ -132,6 +148,8 @@ class CreditRiskRuntime(MLflowRuntime):
         threadpool_limits(limits=int(os.environ.get("OMP_NUM_THREADS", "1")), user_api="openmp")
         settings = ServingSettings()
         self._verification = verified.VerificationSettings()
+        self._limits = settings.limits
+        self._gzip = ServerSettings().gzip_enabled  # MLServer compresses answers (GZipMiddleware)
         uri = await get_model_uri(self._settings)
         self._spool = SpoolWriter(settings.spool) if settings.spool.directory else None
         self._follower = RegistryFollower(
@@ -213,7 +231,7 @@ class CreditRiskRuntime(MLflowRuntime):
             name=self.name,
             platform=self._settings.platform,
             versions=[served.version],
-            inputs=served.inputs,
+            inputs=[_input_metadata(tensor) for tensor in served.inputs],
             outputs=served.outputs,
             parameters=Parameters(content_type=served.content_type, **served.parameters),
         )
@@ -224,25 +242,65 @@ class CreditRiskRuntime(MLflowRuntime):
             raise ModelNotReady(self.name)
         return served
 
-    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+    async def infer_rest(self, body: bytes, headers: Mapping[str, str]) -> RestAnswer:
+        """The V2 REST inference (``serving.mlserver_hooks`` routes MLServer's ``infer`` here):
+        ``body`` as received (inflated by ``serving.body_limit``), JSON or binary tensors
+        (``serving.v2_rest``); ``headers`` case-insensitive, or lower-case keys."""
         served, started_ns, started = self._serving(), time.time_ns(), time.perf_counter()
+        header_length, header_id = headers.get("inference-header-content-length"), headers.get("x-request-id")
+        work = partial(self._answer_rest, served, body, header_length, header_id, started_ns, started)
+        return await self._answer_http(served, work, len(body), headers.get("accept-encoding"))
+
+    def _answer_rest(self, served, body, header_length, header_id, started_ns, started) -> _Answered:
         with _counting_rejections(served):
-            values = v2.request_matrix(payload, served.input_names)
+            decoded = v2_rest.decode_request(
+                body,
+                columns=served.input_names,
+                outputs=served.output_names,
+                max_rows=self._limits.max_rows,
+                header_length=header_length,
+                request_id_header=header_id,
+            )
+            scored = _score(served, decoded.matrix)
+        request_id = decoded.id or str(uuid.uuid4())
+        encoded = v2_rest.encode_response(
+            self.name, served.version, request_id, served.parameters, scored, decoded.outputs
+        )
+        answer = RestAnswer(request_id, encoded.body, encoded.headers)
+        return self._answered(served, answer, request_id, started_ns, started, decoded.matrix, scored)
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        """V2 over gRPC (and MLServer's streaming routes), on the request MLServer decoded."""
+        served, started_ns, started = self._serving(), time.time_ns(), time.perf_counter()
+        work = partial(self._answer_v2, served, payload, started_ns, started)
+        values = sum(math.prod(item.shape) for item in payload.inputs)
+        return self._kept(served, await offload.run(work) if offload.is_large(8 * values) else work())
+
+    def _answer_v2(self, served, payload: InferenceRequest, started_ns, started) -> _Answered:
+        with _counting_rejections(served):
+            check_request_id(payload.id, "id")
+            values = v2.request_matrix(payload, served.input_names, self._limits.max_rows)
             wanted = v2.requested_outputs(payload, served.output_names)
             scored = _score(served, values)
         answer = v2.response(
             self.name, served.version, {name: scored[name] for name in wanted}, served.parameters
         )
-        self._record(served, payload.id, started_ns, started, values, scored)
-        return answer
+        return self._answered(served, answer, payload.id, started_ns, started, values, scored)
 
     @custom_handler(rest_path="/predict", rest_method="POST")
-    async def predict_flat(self, request: Request):
+    async def predict_flat(self, request: Request) -> Response:
         """The earlier design's scoring route: flat JSON object(s) in, flat answers out."""
         served, started_ns, started = self._serving(), time.time_ns(), time.perf_counter()
-        request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        body = await request.body()
+        header_id = request.headers.get("x-request-id")
+        work = partial(self._answer_flat, served, body, header_id, started_ns, started)
+        answer = await self._answer_http(served, work, len(body), request.headers.get("accept-encoding"))
+        return Response(answer.body, headers=answer.headers)
+
+    def _answer_flat(self, served, body: bytes, header_id, started_ns, started) -> _Answered:
         with _counting_rejections(served):
-            values, batch = flat_json.request_matrix(await request.body())
+            request_id = check_request_id(header_id, REQUEST_ID_HEADER) or str(uuid.uuid4())
+            values, batch = flat_json.request_matrix(body, max_rows=self._limits.max_rows)
             scored = _score(served, values)
         timestamp = utc_timestamp(started_ns / 1e9)
         answer = flat_json.answer(
@@ -253,8 +311,26 @@ class CreditRiskRuntime(MLflowRuntime):
             timestamp,
             batch,
         )
-        self._record(served, request_id, started_ns, started, values, scored)
-        return answer
+        # Encoded here, where a large batch's answer is built (off the loop), not by FastAPI.
+        encoded = RestAnswer(request_id, orjson.dumps(answer), {"Content-Type": JSON})
+        return self._answered(served, encoded, request_id, started_ns, started, values, scored)
+
+    async def _answer_http(
+        self, served: Served, work, body_bytes: int, accept_encoding: str | None
+    ) -> RestAnswer:
+        """``work()`` on the loop for a small body; for a large one in the large-request thread,
+        with its answer compressed there when the client takes gzip (``serving.offload``)."""
+        if not offload.is_large(body_bytes):
+            return self._kept(served, work())
+        return self._kept(served, await offload.run(partial(self._compressed, work, accept_encoding)))
+
+    def _compressed(self, work, accept_encoding: str | None) -> _Answered:
+        answered = work()
+        if self._gzip:
+            answer = answered.answer
+            body, headers = offload.gzipped(answer.body, answer.headers, accept_encoding)
+            answered = answered._replace(answer=answer._replace(body=body, headers=headers))
+        return answered
 
     @custom_handler(rest_path="/model/info", rest_method="GET")
     async def model_info(self) -> dict:
@@ -273,31 +349,40 @@ class CreditRiskRuntime(MLflowRuntime):
             "detail": self.status,
         }
 
-    def _record(self, served: Served, request_id, started_ns: int, started: float, values, scored) -> None:
+    def _answered(self, served: Served, answer, request_id, started_ns: int, started: float, values, scored):
+        """An answer and its capture record, made where the request was answered (perhaps the
+        large-request thread); ``_kept`` then counts and appends them on the loop."""
         seconds = time.perf_counter() - started
-        served.meters.scored(len(values), seconds)
+        line = None
         if self._spool is not None:
-            self._capture(served, request_id, started_ns, values, scored, seconds)
+            try:
+                line = encode(
+                    request_id,
+                    started_ns,
+                    served.capture_identity,
+                    served.input_names,
+                    values,
+                    scored,
+                    latency_ms=seconds * 1000,
+                    replica=self._spool.replica,
+                )
+            except Exception:  # never let capture fail the inference
+                logger.exception("capture: could not record a request")
+        return _Answered(answer, len(values), seconds, line)
 
-    def _capture(self, served: Served, request_id, started_ns, values, scored, seconds) -> None:
-        """Append the request to the spool; never let capture fail the inference."""
-        rows = len(values)
-        try:
-            line = encode(
-                request_id,
-                started_ns,
-                served.capture_identity,
-                served.input_names,
-                values,
-                scored,
-                latency_ms=seconds * 1000,
-                replica=self._spool.replica,
-            )
-            kept = self._spool.append(line, rows)
-        except Exception:
-            logger.exception("capture: could not record a request")
+    def _kept(self, served: Served, answered: _Answered):
+        """Count the answered request and append its record to the spool (on the event loop:
+        the spool writer is not thread-safe), then return its answer."""
+        served.meters.scored(answered.rows, answered.seconds)
+        if self._spool is not None:
             kept = False
-        served.meters.captured(rows, kept)
+            if answered.line is not None:
+                try:
+                    kept = self._spool.append(answered.line, answered.rows)
+                except Exception:
+                    logger.exception("capture: could not record a request")
+            served.meters.captured(answered.rows, kept)
+        return answered.answer
 
     async def unload(self) -> bool:
         following = getattr(self, "_following", None)
@@ -316,6 +401,36 @@ class CreditRiskRuntime(MLflowRuntime):
         raise v2.InvalidRequest("/invocations is not served here; use /v2/models/<name>/infer")
 
 
+def _input_metadata(tensor: MetadataTensor) -> MetadataTensor:
+    """An input as requests may send it: shape ``[-1]`` (rows; ``[rows, 1]`` is accepted too),
+    the signature's datatype (FP64; every numeric datatype is accepted, in JSON, binary tensors
+    or gRPC), and ``nullable``: any value may be missing (``null``, or ``NaN``). The open
+    inference protocol's metadata has no word for this; MLServer's tensor ``parameters`` carry
+    it (tritonclient passes them through over REST, and gRPC clients without them ignore them)."""
+    parameters = tensor.parameters.model_dump(exclude_none=True) if tensor.parameters else {}
+    return MetadataTensor(
+        name=tensor.name,
+        datatype=tensor.datatype,
+        shape=[-1],
+        parameters=Parameters(**parameters, nullable=True),
+    )
+
+
+class RestAnswer(NamedTuple):
+    """An HTTP answer (``serving.mlserver_hooks.RestAnswer`` for V2): its request id, body and headers."""
+
+    id: str
+    body: bytes
+    headers: dict[str, str]
+
+
+class _Answered(NamedTuple):
+    answer: object  # what the route returns
+    rows: int
+    seconds: float
+    line: bytes | None  # the capture record; None when capture is off or it could not be made
+
+
 @contextmanager
 def _counting_rejections(served: Served):
     """Count a request refused for its input (an ``MLServerError``) against the served version."""
@@ -326,9 +441,14 @@ def _counting_rejections(served: Served):
         raise
 
 
-def _score(served: Served, values) -> dict:
+# Rows scored per call in a large request: scikit-learn's and numpy's temporaries stay a few
+# MiB, and no single call holds the GIL for long (scikit-learn releases it in its tree loop).
+SCORE_SLICE_ROWS = 10_000
+
+
+def _score(served: Served, values: np.ndarray) -> dict:
     try:
-        prediction, probability = served.model.score(values)
+        prediction, probability = _scored(served.model, values)
     except InvalidFeatures as error:
         raise v2.InvalidRequest(str(error)) from error
     except Exception as error:
@@ -337,6 +457,18 @@ def _score(served: Served, values) -> dict:
             f"unexpected {type(error).__name__} while scoring: {error}", status_code=500
         ) from error
     return {OUTPUT_PREDICTION: prediction, OUTPUT_PROBABILITY: probability}
+
+
+def _scored(model: scoring.LoadedModel, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``model.score(values)``, in slices of ``SCORE_SLICE_ROWS`` rows past that size. The same
+    bits: each row's probability depends on that row alone. The values are checked once, on
+    the whole matrix, so that a refusal names the request's row."""
+    if len(values) <= SCORE_SLICE_ROWS:
+        return model.score(values)
+    check_values(values)
+    slices = [model.scorer.score(values[start : start + SCORE_SLICE_ROWS])
+              for start in range(0, len(values), SCORE_SLICE_ROWS)]  # fmt: skip
+    return np.concatenate([label for label, _ in slices]), np.concatenate([score for _, score in slices])
 
 
 def _registry_record(registered_name: str, version: str, model_uri: str, dataset_hash: str) -> dict:

@@ -35,8 +35,13 @@ from mlserver.repository.load import load_model_settings
 from mlserver.settings import ModelSettings, Settings
 from mlserver.utils import install_uvloop_event_loop
 
+from serving.limits import RequestLimits
 from serving.mlserver_hooks import OneModelServer
-from serving.settings import MODEL_SETTINGS_PATH
+from serving.settings import MODEL_SETTINGS_PATH, ServingSettings
+
+# Triton's name for the binary tensor data extension of the REST protocol (``serving.binary``),
+# which this server implements; listed in the server metadata (GET /v2) as Triton lists it.
+BINARY_TENSOR_EXTENSION = "binary_tensor_data"
 
 
 class StartError(RuntimeError):
@@ -55,9 +60,11 @@ def _readiness(ready: bool, name: str | None, model) -> JSONResponse:
 class CreditRiskServer(OneModelServer):
     """MLServer serving the one registry-following runtime; see the module docstring."""
 
-    def __init__(self, settings: Settings, model_settings: ModelSettings):
+    def __init__(self, settings: Settings, model_settings: ModelSettings, limits: RequestLimits):
         _check(settings)
-        super().__init__(settings, model_settings)
+        if BINARY_TENSOR_EXTENSION not in settings.extensions:  # GET /v2 lists what is served
+            settings.extensions.append(BINARY_TENSOR_EXTENSION)
+        super().__init__(settings, model_settings, limits)
 
     async def server_ready(self) -> JSONResponse:
         """Readiness that says why not: MLServer's answers 200 with no model at all."""
@@ -86,7 +93,7 @@ def _check(settings: Settings) -> None:
 async def _serve() -> None:
     # MLServer's own readers of MLSERVER_* and of model-settings.json.
     settings, model_settings = Settings(), load_model_settings(str(MODEL_SETTINGS_PATH))
-    await CreditRiskServer(settings, model_settings).start()
+    await CreditRiskServer(settings, model_settings, ServingSettings().limits).start()
 
 
 def main() -> int:

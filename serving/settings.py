@@ -15,6 +15,8 @@ the environment.
 | ``CREDIT_RISK_REGISTRY_POLL_S`` | 5 | how often the registry is asked which version to serve |
 | ``CREDIT_RISK_LOAD_RETRY_MIN_S`` / ``_MAX_S`` | 30 / 600 | back-off for a version that failed to load |
 | ``CREDIT_RISK_SPOOL_DIR`` and friends | | inference capture (``serving.spool_format.SpoolSettings``) |
+| ``CREDIT_RISK_MAX_BODY_BYTES`` | 8 MiB | largest REST body, counted after decompression; also the gRPC message limit |
+| ``CREDIT_RISK_MAX_ROWS`` | 100,000 | most rows one request may score (``serving.limits.RequestLimits``) |
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.identity import ENV_PREFIX, PRODUCTION_ALIAS, PRODUCTION_MODEL_URI
+from serving.limits import DEFAULT_MAX_BODY_BYTES, RequestLimits
 from serving.spool_format import SpoolSettings
 
 SERVING_DIR = Path(__file__).resolve().parent
@@ -51,6 +54,7 @@ class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, populate_by_name=True, frozen=True)
 
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     registry_poll_s: float = Field(
         5,
         gt=0,
@@ -102,4 +106,10 @@ def serving_environment(environ: dict[str, str] | None = None) -> dict[str, str]
     # MLflow's client for minutes while readiness still shows the old reason.
     env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # gRPC's own message limit (4 MiB to receive by default) set to the REST body limit, so that
+    # one request may cost the same on both (a 100,000-row request is ~7.6 MiB either way).
+    # An invalid CREDIT_RISK_MAX_BODY_BYTES is refused by ServingSettings, naming it.
+    env.setdefault(
+        "MLSERVER_GRPC_MAX_MESSAGE_LENGTH", env.get("CREDIT_RISK_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES))
+    )
     return env
