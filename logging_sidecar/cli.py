@@ -1,4 +1,5 @@
-"""``credit-risk sidecar`` (ship the spool to MLflow) and ``credit-risk records`` (read back).
+"""``credit-risk sidecar`` (ship the spool to MLflow, or ``--drain-once``), ``credit-risk
+records`` (read back) and ``credit-risk records prune`` (delete past a retention window).
 
 The only place that builds the fault-point hook (tests only) from the settings.
 """
@@ -7,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from datetime import UTC, datetime
+import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 
@@ -31,6 +34,30 @@ def _port(text: str) -> int:
     return port
 
 
+def _days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        days = 0
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of days >= 1: {text!r}")
+    return days
+
+
+def _fault_hook(settings):
+    """The test-only fault points as the hook the loop and the pruner call."""
+    from logging_sidecar.faults import FaultPoints, no_faults
+
+    return FaultPoints(settings.fault_points, settings.fault_pause_s) if settings.fault_points else no_faults
+
+
+def _log_to(stream) -> None:
+    stream.reconfigure(line_buffering=True)  # a log file shows each line as it happens
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=stream
+    )
+
+
 def add_parser(subparsers) -> None:
     sidecar = subparsers.add_parser(
         "sidecar",
@@ -43,6 +70,13 @@ def add_parser(subparsers) -> None:
     sidecar.add_argument("--spool-dir", type=Path, help="the spool folder (CREDIT_RISK_SPOOL_DIR)")
     sidecar.add_argument(
         "--port", type=_port, help="health and metrics port (CREDIT_RISK_SIDECAR_PORT, default 8083)"
+    )
+    sidecar.add_argument(
+        "--drain-once",
+        action="store_true",
+        help="ship everything in the spool and exit: 0 once it is empty; 1 with one error line "
+        "when another sidecar or a live server uses it, or nothing could be shipped for "
+        "CREDIT_RISK_STALL_AFTER_S (for a volume a removed replica left behind; no HTTP)",
     )
     sidecar.set_defaults(handler=run_sidecar)
 
@@ -61,13 +95,30 @@ def add_parser(subparsers) -> None:
     )
     records.add_argument("--output", type=Path, help="write to this .parquet or .csv file")
     records.set_defaults(handler=show_records)
+    actions = records.add_subparsers(dest="records_action", metavar="ACTION", required=False)
+    prune = actions.add_parser(
+        "prune",
+        help="delete shipped records (and dead letters) past a retention window",
+        description="Delete, for good, the inference records of every UTC day that ended more "
+        "than DAYS days ago (their files first, then their runs), and finish any prune that was "
+        "interrupted. The current day is never touched. With --spool-dir, also remove that "
+        "spool's dead letters parked more than DAYS days ago. Exit 0 when done, 1 with one "
+        "error line when MLflow failed (run it again: it goes on where it stopped).",
+    )
+    prune.add_argument(
+        "--older-than", type=_days, required=True, metavar="DAYS", help="the retention window, in days"
+    )
+    prune.add_argument(
+        "--spool-dir", type=Path, help="also prune this spool's dead-letter file (dead-letters.ndjson)"
+    )
+    prune.set_defaults(handler=prune_records)
 
 
 def run_sidecar(args) -> int:
     """0 after a SIGTERM drain; 1 when another sidecar holds the spool or an unexpected error
     stopped the loop (logged with its traceback), so that a supervisor restarts it. Bad
-    settings raise ``pydantic.ValidationError`` (exit 2, naming the variables)."""
-    from logging_sidecar.faults import FaultPoints, no_faults
+    settings raise ``pydantic.ValidationError`` (exit 2, naming the variables).
+    ``--drain-once``: see ``drain_once``."""
     from logging_sidecar.service import SpoolBusy
     from logging_sidecar.service import run_sidecar as run
     from logging_sidecar.settings import SidecarSettings
@@ -79,16 +130,11 @@ def run_sidecar(args) -> int:
     if args.port is not None:
         flags["port"] = args.port
     settings = SidecarSettings(**flags)
-    # The only place the test-only fault points become a hook; the loop just calls it.
-    faults = (
-        FaultPoints(settings.fault_points, settings.fault_pause_s) if settings.fault_points else no_faults
-    )
-    sys.stdout.reconfigure(line_buffering=True)  # a log file shows each line as it happens
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
-    )
+    if args.drain_once:
+        return drain_once(settings)
+    _log_to(sys.stdout)
     try:
-        run(settings, faults)
+        run(settings, _fault_hook(settings))
     except SpoolBusy as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -98,8 +144,83 @@ def run_sidecar(args) -> int:
     return 0
 
 
+def drain_once(settings) -> int:
+    """0 when the spool is empty; 1 (one ``error:`` line) when it is in use by another
+    process or could not be emptied; 2 when the spool folder does not exist."""
+    from logging_sidecar.dead_letters import DEAD_LETTER_FILE
+    from logging_sidecar.drain_once import SpoolInUse
+    from logging_sidecar.drain_once import drain_once as drain
+    from logging_sidecar.service import SpoolBusy
+
+    spool = settings.spool.directory
+    if not spool.is_dir():
+        print(
+            f"error: spool folder {spool} does not exist (--spool-dir / CREDIT_RISK_SPOOL_DIR)",
+            file=sys.stderr,
+        )
+        return 2
+    _log_to(sys.stdout)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        drained = drain(settings, _fault_hook(settings), stop)
+    except (SpoolBusy, SpoolInUse) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception:
+        logging.getLogger("credit_risk.sidecar").exception("drain stopped by an unexpected error; exit 1")
+        return 1
+    if drained.reason is not None:
+        print(
+            f"error: {drained.left} records left in {spool} after shipping {drained.shipped}: "
+            f"{drained.reason}; run it again to go on",
+            file=sys.stderr,
+        )
+        return 1
+    summary = f"drained {spool}: shipped {drained.shipped} records, no segment left"
+    dead_letters = spool / DEAD_LETTER_FILE
+    if dead_letters.exists() and (lines := dead_letters.read_bytes().count(b"\n")):
+        summary += f"; {lines} dead letters (lines that can never ship) stay in {dead_letters} for inspection"
+    print(summary)
+    return 0
+
+
+def prune_records(args) -> int:
+    """0 done; 1 (one ``error:`` line) when MLflow failed or a run's files would not go;
+    2 when ``--spool-dir`` is not a folder."""
+    from mlflow.exceptions import MlflowException
+
+    from logging_sidecar.dead_letters import prune_dead_letters
+    from logging_sidecar.retention import PruneIncomplete, RecordPruner
+    from logging_sidecar.settings import RecordsSettings
+
+    settings = RecordsSettings()
+    if args.spool_dir is not None and not args.spool_dir.is_dir():
+        print(f"error: --spool-dir {args.spool_dir} is not a folder", file=sys.stderr)
+        return 2
+    _log_to(sys.stderr)
+    now = datetime.now(UTC)
+    try:
+        letters = (
+            prune_dead_letters(args.spool_dir, now - timedelta(days=args.older_than)) if args.spool_dir else 0
+        )
+        result = RecordPruner(settings.experiment, faults=_fault_hook(settings)).prune(
+            args.older_than, now=now
+        )
+    except (MlflowException, PruneIncomplete, OSError) as error:
+        print(f"error: prune stopped, run it again to finish: {error}", file=sys.stderr)
+        return 1
+    summary = f"pruned experiment '{settings.experiment}': {result}"
+    if args.spool_dir:
+        summary += f"; {letters} dead letters removed from {args.spool_dir}"
+    print(summary)
+    return 0
+
+
 def show_records(args) -> int:
     from logging_sidecar.reader import read_records
+    from logging_sidecar.settings import RecordsSettings
     from model.identity import utc_timestamp
 
     # Bad arguments: one line and exit 2, before anything is read.
@@ -112,7 +233,10 @@ def show_records(args) -> int:
             file=sys.stderr,
         )
         return 2
-    records = read_records(model_version=args.model_version, since=args.since, until=args.until)
+    experiment = RecordsSettings().experiment
+    records = read_records(
+        model_version=args.model_version, since=args.since, until=args.until, experiment=experiment
+    )
     if args.output is None:
         print(records.to_string(max_rows=20))
     elif args.output.suffix == ".parquet":

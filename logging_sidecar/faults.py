@@ -1,7 +1,8 @@
-"""Fault points: named moments of a flush where a test can SIGKILL the sidecar.
+"""Fault points: named moments of a flush or of a prune where a test can SIGKILL the process.
 
-The loop calls its hook at each point by name and knows nothing else about it; the default
-hook does nothing. Only ``credit-risk sidecar`` builds a :class:`FaultPoints` hook, from
+The loop and the pruner call their hook at each point by name and know nothing else about it;
+the default hook does nothing. Only the commands (``credit-risk sidecar``, ``credit-risk
+records prune``) build a :class:`FaultPoints` hook, from
 ``CREDIT_RISK_FAULT_POINTS`` and ``CREDIT_RISK_FAULT_PAUSE_S`` (tests only). At a chosen point
 it prints ``FAULT-POINT <name> pid=<pid>`` to stderr (the line tests wait for) and sleeps.
 """
@@ -13,8 +14,9 @@ import sys
 import time
 from collections.abc import Callable
 
-# A flush is planned, uploaded, then committed: a kill after each leaves a different state.
-FAULT_POINTS = ("after_plan", "after_upload", "after_commit")
+# A flush is planned, uploaded, then committed; a prune marks its runs, then deletes each run's
+# artifacts, then the run: a kill after each leaves a different state.
+FAULT_POINTS = ("after_plan", "after_upload", "after_commit", "after_mark", "after_prune_artifacts")
 
 FaultHook = Callable[[str], None]
 

@@ -6,7 +6,11 @@ Invariants:
 
 - A segment is deleted only when it is finished: shipped up to its last complete line and
   never to be written again (sealed, or its writer is dead as the writer's own ``flock``
-  says; never a clock). A torn last line of a dead writer was never answered: no record.
+  says; never a clock). A torn last line of a dead writer was never answered: no record. The
+  listing may be older than the writer's last appends, its seal (a rename) and its exit, so
+  once the writer is known to be gone the file is looked up again and judged by its size and
+  name now: a stale size would delete lines never shipped, a stale name would leave the
+  sealed file behind with its offset forgotten, to be shipped again from its start.
 - A segment that a planned flush covers (``protected``) is never deleted or trimmed before
   the flush is shipped, or a replay would read bytes that are gone.
 - Trimming drops whole sealed segments, oldest first across every writer, down to 90 % of
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from logging_sidecar.spool import Segment, list_segments, read_chunk
 from logging_sidecar.state import State
-from serving.spool_format import WRITER_LOCK_SUFFIX, spool_bytes, writer_is_alive
+from serving.spool_format import OPEN_SUFFIX, SEALED_SUFFIX, WRITER_LOCK_SUFFIX, spool_bytes, writer_is_alive
 
 logger = logging.getLogger("credit_risk.sidecar")
 
@@ -90,13 +94,13 @@ class Janitor:
         ``pending_rows``: rows read but not yet planned, by segment (what a trim loses)."""
         segments = list_segments(self._spool)
         shipped = self._state.shipped_offsets()
-        done = [
-            segment
-            for segment in segments
-            if segment.name not in protected and self._finished(segment, shipped.get(segment.name, 0))
-        ]
-        for segment in done:
-            segment.path.unlink(missing_ok=True)
+        done = []
+        for segment in segments:
+            if segment.name not in protected and (
+                path := self._finished(segment, shipped.get(segment.name, 0))
+            ):
+                path.unlink(missing_ok=True)
+                done.append(segment)
         removed = [segment.name for segment in done]
         if removed:
             self._state.forget(removed)
@@ -110,17 +114,23 @@ class Janitor:
             segments = [s for s in segments if s.name not in trimmed]
         return Sweep(segments, removed, total, over_limit)
 
-    def _finished(self, segment: Segment, offset: int) -> bool:
-        """Shipped up to its last complete line, and never to be written again."""
+    def _finished(self, segment: Segment, offset: int) -> Path | None:
+        """The segment's file if it is shipped up to its last complete line and will never be
+        written again; None otherwise."""
         if not segment.sealed and writer_is_alive(self._spool, segment.writer):
-            return False
-        if offset >= segment.size:
-            return True
-        try:
+            return None
+        # Gone or sealed: the file no longer grows or moves (a writer renames before it lets
+        # go of its lock). Judge it as it is now, not as listed.
+        for path in (segment.path.with_suffix(SEALED_SUFFIX), segment.path.with_suffix(OPEN_SUFFIX)):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if offset >= size:
+                return path
             chunk = read_chunk(self._spool, segment.name, offset, 1, max_line_bytes=self._max_line_bytes)
-        except FileNotFoundError:
-            return True
-        return chunk.end == offset
+            return path if chunk.end == offset else None
+        return None  # deleted meanwhile: nothing to do
 
     def _remove_stale_writer_locks(self, writers_with_segments: set[str]) -> None:
         for entry in os.scandir(self._spool):

@@ -42,3 +42,6 @@ class SidecarMetrics:
         self.spool_bytes = gauge("spool_bytes", "Bytes in the spool")
         self.spool_full = gauge("spool_full", "1 while the spool is over its size limit")
         self.shipping_ok = gauge("shipping_ok", "1 while /health/shipping answers 200")
+        self.pruned_runs = counter("pruned_runs", "Inference runs deleted by retention, files first")
+        self.pruned_dead_letters = counter("pruned_dead_letters", "Dead letters removed by retention")
+        self.prune_failures = counter("prune_failures", "Retention passes that failed (retried)")

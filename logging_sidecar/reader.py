@@ -7,6 +7,11 @@ file is fetched; with ``columns``, pyarrow decodes only those columns (plus the 
 which filtering, deduplication and ordering need). A batch that cannot be read is skipped
 and reported (``frame.attrs["skipped"]``: ``(name, reason)`` pairs, and a warning in the log)
 unless ``strict=True``, which raises instead.
+
+Retention (``logging_sidecar.retention``) marks a run before it deletes its files: marked runs
+are never read, so a reader never meets a half-deleted run. A run marked or deleted while it
+is being read (its files vanish under the reader) is left out as pruned, not reported as
+unreadable: its records are past the window.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from logging_sidecar.records import COLUMNS, KEY
 from logging_sidecar.settings import INFERENCE_EXPERIMENT
-from logging_sidecar.shipper import RECORDS_DIR
+from logging_sidecar.shipper import PRUNING_TAG, RECORDS_DIR, is_pruned
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +71,25 @@ class _Batches:
         self._client, self._directory, self._strict = client, directory, strict
         self._columns = columns
         self.skipped: list[tuple[str, str]] = []
+        self.pruned: set[str] = set()  # runs pruned while being read: none of their records
 
-    def _fail(self, name: str, error: Exception) -> None:
+    def _fail(self, run_id: str, name: str, error: Exception) -> None:
+        if self._pruned_meanwhile(run_id):
+            logger.info(f"read_records: run {run_id} was pruned while being read; its records are left out")
+            self.pruned.add(run_id)
+            return
         if self._strict:
             raise UnreadableBatch(f"{name}: {error}") from error
         self.skipped.append((name, f"{type(error).__name__}: {error}"))
 
-    def files(self, run) -> list[tuple[object, str, str]]:
-        """``(repository, remote path, name)`` of each batch of a run."""
+    def _pruned_meanwhile(self, run_id: str) -> bool:
+        try:
+            return is_pruned(self._client.get_run(run_id))
+        except Exception:  # gone altogether, or MLflow down: the failure stands as it was
+            return False
+
+    def files(self, run) -> list[tuple[object, str, str, str]]:
+        """``(repository, remote path, name, run id)`` of each batch of a run."""
         name = f"{run.info.run_id}/{RECORDS_DIR}"
         try:
             repository = get_artifact_repository(
@@ -81,15 +97,15 @@ class _Batches:
             )
             listing = repository.list_artifacts(RECORDS_DIR)
         except Exception as error:
-            self._fail(name, error)
+            self._fail(run.info.run_id, name, error)
             return []
         return [
-            (repository, info.path, f"{run.info.run_id}/{info.path}")
+            (repository, info.path, f"{run.info.run_id}/{info.path}", run.info.run_id)
             for info in listing
             if not info.is_dir and info.path.endswith(".parquet")
         ]
 
-    def read(self, repository, remote: str, name: str) -> pa.Table | None:
+    def read(self, repository, remote: str, name: str, run_id: str) -> pa.Table | None:
         local = self._directory / name.replace("/", "_")
         try:
             # One GET: the public download first lists the path to see if it is a folder.
@@ -100,7 +116,7 @@ class _Batches:
                 present = set(batch.schema_arrow.names)
                 return batch.read(columns=[name for name in self._columns if name in present])
         except Exception as error:
-            self._fail(name, error)
+            self._fail(run_id, name, error)
             return None
         finally:
             local.unlink(missing_ok=True)
@@ -112,7 +128,12 @@ def _fetch(
     with tempfile.TemporaryDirectory() as directory, ThreadPoolExecutor(_WORKERS) as pool:
         batches = _Batches(client, Path(directory), strict, columns)
         files = [file for listed in pool.map(batches.files, runs) for file in listed]
-        tables = [t for t in pool.map(lambda file: batches.read(*file), files) if t is not None]
+        read = list(pool.map(lambda file: batches.read(*file), files))
+    tables = [
+        table
+        for (_, _, _, run_id), table in zip(files, read, strict=True)
+        if table is not None and run_id not in batches.pruned
+    ]
     if not tables:
         return None, batches.skipped
     # Batches from before a column existed (layout 1 has no replica) get nulls for it.
@@ -162,6 +183,7 @@ def read_records(
     if model_version is not None:
         filters.append(f"tags.model_version = '{model_version}'")
     runs = client.search_runs([found.experiment_id], filter_string=" and ".join(filters), max_results=50000)
+    runs = [run for run in runs if PRUNING_TAG not in run.data.tags]  # being deleted by retention
     # Runs are per UTC day; tag filters only compare for equality, so days are compared here.
     if since_utc is not None:
         runs = [r for r in runs if r.data.tags.get("day", "") >= since_utc.date().isoformat()]

@@ -1,6 +1,8 @@
 """The sidecar's loop: read the spool, plan a flush, ship it, commit it; back off after a
 failure; drain on SIGTERM. Each step also has the janitor keep the spool bounded and clean,
-and ends by publishing a health snapshot. One sidecar per spool (``lock_spool``).
+applies the retention when one is set and due (never while draining), and ends by publishing
+a health snapshot. One sidecar per spool (``lock_spool``). ``logging_sidecar.drain_once``
+runs the same steps until the spool is empty, for a volume no server writes any more.
 
 Delivery is at least once (a flush is committed only after MLflow accepted all of it) and
 exactly once as seen by a reader (a replayed flush rewrites the same artifact names; the
@@ -12,8 +14,9 @@ supervisor (``credit-risk up``, compose, Kubernetes) to restart it.
 
 Who does what: ``backlog`` (read positions and pending chunks), ``shipper`` (MLflow),
 ``state`` (SQLite), ``janitor`` (segments, locks, trimming, disk reserve), ``dead_letters``,
-``ledgers`` (the server's drop counts), ``health`` and ``http`` (answers over the snapshot),
-``metrics``, ``faults`` (the test-only hook called at named points of a flush).
+``ledgers`` (the server's drop counts), ``retention`` (pruning past the window), ``health`` and
+``http`` (answers over the snapshot), ``metrics``, ``faults`` (the test-only hook called at
+named points of a flush and of a prune).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from logging_sidecar.http import serve_http
 from logging_sidecar.janitor import DiskReserve, Janitor
 from logging_sidecar.ledgers import CaptureDrops
 from logging_sidecar.metrics import SidecarMetrics
+from logging_sidecar.retention import RecordPruner, RetentionSchedule
 from logging_sidecar.settings import SidecarSettings
 from logging_sidecar.shipper import Shipper, group_by_run
 from logging_sidecar.spool import list_segments
@@ -114,6 +118,17 @@ class Sidecar:
             park=self.dead_letters.park,
             on_read=self.metrics.received.inc,
         )
+        self.retention = (
+            RetentionSchedule(
+                settings.retention_days,
+                settings.prune_every_s,
+                RecordPruner(settings.experiment, faults=faults),
+                self.spool,
+                self.metrics,
+            )
+            if settings.retention_days is not None
+            else None
+        )
         self._faults = faults
         self._inflight: tuple[Flush, list[dict]] | None = None
         self._backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
@@ -146,6 +161,8 @@ class Sidecar:
             self._failed(error)
         else:
             self._ship()
+            if self.retention is not None and not self.draining:
+                self.retention.run_if_due()
         finally:
             self.snapshot = self._publish()
 
@@ -203,7 +220,7 @@ class Sidecar:
             return
         try:
             if self.last_error is not None and self._inflight is not None:
-                self.shipper.recover(list(group_by_run(self._inflight[1])))
+                self.shipper.recover(self._inflight[0], list(group_by_run(self._inflight[1])))
             if self._inflight is None and self._due():
                 self._inflight = self._plan()
             if self._inflight is not None:
@@ -298,6 +315,16 @@ class Sidecar:
         else:
             logger.info("drain: everything shipped")
         return left
+
+    def emptied(self) -> bool:
+        """Nothing left to ship: no planned flush, nothing read and unplanned, every segment
+        read to its end and deleted (as finished) by the last sweep."""
+        return (
+            self._inflight is None
+            and self.backlog.empty
+            and self.backlog.caught_up
+            and not list_segments(self.spool)
+        )
 
     def unshipped_estimate(self) -> int:
         """Rows pending or planned, plus request lines not yet read (one row or more each)."""

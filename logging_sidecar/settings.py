@@ -14,12 +14,20 @@
 | ``CREDIT_RISK_LIVENESS_AFTER_S`` | 600 | ``/health/live`` is 503 when the loop has not turned for this long (one step may wait on several 30 s MLflow timeouts) |
 | ``CREDIT_RISK_SIDECAR_DRAIN_S`` | 20 | on SIGTERM: wait for the writers to release the spool, then ship what is pending, for at most this long |
 | ``CREDIT_RISK_MAX_LINE_BYTES`` | 64 MiB | longer request lines (~300,000 rows) are parked as dead lines |
-| ``CREDIT_RISK_FAULT_POINTS`` | (none) | **tests only**: comma-separated ``after_plan``, ``after_upload``, ``after_commit``; at each the sidecar prints ``FAULT-POINT <name> pid=<pid>`` to stderr and sleeps, so a test can SIGKILL it exactly there |
+| ``CREDIT_RISK_RETENTION_DAYS`` | (unset: keep for ever) | delete shipped records and dead letters older than this many days (``logging_sidecar.retention``) |
+| ``CREDIT_RISK_PRUNE_EVERY_S`` | 3600 | with a retention, prune this often (and once at start) |
+| ``CREDIT_RISK_FAULT_POINTS`` | (none) | **tests only**: comma-separated ``after_plan``, ``after_upload``, ``after_commit``, ``after_mark``, ``after_prune_artifacts``; at each the process prints ``FAULT-POINT <name> pid=<pid>`` to stderr and sleeps, so a test can SIGKILL it exactly there |
 | ``CREDIT_RISK_FAULT_PAUSE_S`` | 30 | **tests only**: how long it sleeps at a fault point |
 | ``MLFLOW_TRACKING_URI`` | | the MLflow tracking server (read by MLflow itself) |
 
 The spool's own variables (``CREDIT_RISK_SPOOL_*``, ``CREDIT_RISK_SEGMENT_*``, ...) are read by
-the nested ``SpoolSettings``, the same class the writer uses.
+the nested ``SpoolSettings``, the same class the writer uses. ``credit-risk records`` (read and
+prune) reads ``RecordsSettings``, the part it shares with the sidecar: the experiment and the
+test-only fault points.
+
+Retention is off by default: deleting applicants' records cannot be undone, how long they must
+be kept (for monitoring, audits, a regulator) or may be kept (data protection) is the
+operator's decision, and a deployment that upgrades must not start deleting by itself.
 
 Invariants: a bad value raises ``pydantic.ValidationError`` whose ``loc`` is the variable's
 name and whose ``input`` is its value, for every rule, including the rules between two
@@ -45,9 +53,46 @@ DEFAULT_PORT = 8083
 STATE_FILE = "sidecar-state.db"
 
 
-class SidecarSettings(BaseSettings):
+class RecordsSettings(BaseSettings):
+    """What every process that ships, reads or prunes the records reads: where they are, and
+    the test-only fault points."""
+
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, populate_by_name=True, frozen=True)
 
+    experiment: str = Field(
+        INFERENCE_EXPERIMENT,
+        min_length=1,
+        validation_alias="CREDIT_RISK_INFERENCE_EXPERIMENT",
+        description="the MLflow experiment records go to",
+    )
+    # Tests only. NoDecode: the variable is a comma-separated list, not JSON.
+    fault_points: Annotated[frozenset[str], NoDecode] = Field(
+        frozenset(),
+        validation_alias="CREDIT_RISK_FAULT_POINTS",
+        description=f"tests only: pause at these points ({', '.join(FAULT_POINTS)})",
+    )
+    fault_pause_s: float = Field(
+        30, ge=0, validation_alias="CREDIT_RISK_FAULT_PAUSE_S", description="tests only: pause this long"
+    )
+
+    @field_validator("fault_points", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return frozenset(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("fault_points")
+    @classmethod
+    def _known_points(cls, value: frozenset[str]) -> frozenset[str]:
+        if unknown := value - set(FAULT_POINTS):
+            raise ValueError(
+                f"must name only {', '.join(FAULT_POINTS)}; unknown: {', '.join(sorted(unknown))}"
+            )
+        return value
+
+
+class SidecarSettings(RecordsSettings):
     spool: SpoolSettings = Field(
         default_factory=SpoolSettings, description="the spool, as its writer sees it (its own variables)"
     )
@@ -80,12 +125,6 @@ class SidecarSettings(BaseSettings):
         validation_alias="CREDIT_RISK_SIDECAR_PORT",
         description="health and metrics port",
     )
-    experiment: str = Field(
-        INFERENCE_EXPERIMENT,
-        min_length=1,
-        validation_alias="CREDIT_RISK_INFERENCE_EXPERIMENT",
-        description="the MLflow experiment records go to",
-    )
     stall_after_s: float = Field(
         120,
         validation_alias="CREDIT_RISK_STALL_AFTER_S",
@@ -109,31 +148,18 @@ class SidecarSettings(BaseSettings):
         validation_alias="CREDIT_RISK_MAX_LINE_BYTES",
         description="longer spool lines are parked as dead lines",
     )
-    # Tests only. NoDecode: the variable is a comma-separated list, not JSON.
-    fault_points: Annotated[frozenset[str], NoDecode] = Field(
-        frozenset(),
-        validation_alias="CREDIT_RISK_FAULT_POINTS",
-        description=f"tests only: pause at these points ({', '.join(FAULT_POINTS)})",
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        validation_alias="CREDIT_RISK_RETENTION_DAYS",
+        description="delete shipped records and dead letters older than this many days (unset: keep)",
     )
-    fault_pause_s: float = Field(
-        30, ge=0, validation_alias="CREDIT_RISK_FAULT_PAUSE_S", description="tests only: pause this long"
+    prune_every_s: float = Field(
+        3600,
+        gt=0,
+        validation_alias="CREDIT_RISK_PRUNE_EVERY_S",
+        description="with a retention, prune this often",
     )
-
-    @field_validator("fault_points", mode="before")
-    @classmethod
-    def _comma_separated(cls, value):
-        if isinstance(value, str):
-            return frozenset(name.strip() for name in value.split(",") if name.strip())
-        return value
-
-    @field_validator("fault_points")
-    @classmethod
-    def _known_points(cls, value: frozenset[str]) -> frozenset[str]:
-        if unknown := value - set(FAULT_POINTS):
-            raise ValueError(
-                f"must name only {', '.join(FAULT_POINTS)}; unknown: {', '.join(sorted(unknown))}"
-            )
-        return value
 
     @model_validator(mode="after")
     def _rules_between_variables(self) -> SidecarSettings:

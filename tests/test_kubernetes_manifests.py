@@ -1,11 +1,19 @@
 """deploy/kubernetes/ and deploy/kserve/: valid against the Kubernetes schemas (offline,
 strict), and in step with docker-compose.yml and the code, so the three cannot drift apart:
-images, ports, probe paths (asked of the real processes) and environment variable names."""
+images, ports, probe paths (asked of the real processes) and environment variable names. Then
+the hygiene rules every pod follows (no API token, bounded ephemeral storage, no committed
+secret), the NetworkPolicies evaluated as who may reach whom, and the drain Job template
+against the sidecar it stands in for. Commands that docs/operations.md documents (the Secret,
+the operator's pod) are parsed from it and checked, so the page cannot drift either."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import re
+import secrets
+import shlex
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -27,9 +35,17 @@ from serving.settings import (
 from serving.spool_format import SpoolSettings
 from stack import processes, services, tracking_server
 from tests.helpers import BIN, REPO, free_port, running
+from tests.network_policies import Endpoint, connection_allowed, selects
 
+# What `kubectl apply -f deploy/kubernetes/` applies: that folder's files, not its subfolders.
 MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
+JOB_TEMPLATES = sorted((REPO / "deploy" / "kubernetes" / "jobs").glob("*.yaml"))
 KSERVE = REPO / "deploy" / "kserve" / "inferenceservice.yaml"
+OPERATIONS = REPO / "docs" / "operations.md"
+NAMESPACE = "credit-risk"
+SERVICE_ACCOUNT = "credit-risk"
+# The ordinal the drain Job template is instantiated with here (any removed replica's).
+ORDINAL = 3
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 # 1.29: the oldest Kubernetes that runs native sidecars (restartPolicy: Always on an init
 # container) by default; and the newest whose schemas kubernetes-validate ships.
@@ -43,12 +59,28 @@ PROJECT_SOURCES = [
 ]
 
 
-def _load(path: Path) -> list[dict]:
-    return [resource for resource in yaml.safe_load_all(path.read_text()) if resource]
+def _load(path: Path, text: str | None = None) -> list[dict]:
+    return [resource for resource in yaml.safe_load_all(text or path.read_text()) if resource]
+
+
+def _template_substitution(path: Path) -> tuple[str, str]:
+    """The ``sed "s/OLD/NEW/g"`` that a template's header tells users to run."""
+    where = re.escape(str(path.relative_to(REPO)))
+    [(old, new)] = re.findall(r'^#\s+sed "s/([^/]+)/([^/]+)/g" ' + where, path.read_text(), re.M)
+    return old, new
+
+
+def _instantiate(path: Path, ordinal: int) -> list[dict]:
+    """A template as its documented ``sed`` makes it for ``ordinal``."""
+    old, new = _template_substitution(path)
+    return _load(path, path.read_text().replace(old, new.replace("$N", str(ordinal))))
 
 
 RESOURCES = [resource for path in MANIFESTS for resource in _load(path)]
-[INFERENCE_SERVICE] = _load(KSERVE)
+TEMPLATES = [resource for path in JOB_TEMPLATES for resource in _instantiate(path, ORDINAL)]
+KSERVE_RESOURCES = _load(KSERVE)
+[INFERENCE_SERVICE] = [r for r in KSERVE_RESOURCES if r["kind"] == "InferenceService"]
+EVERYTHING = RESOURCES + TEMPLATES + KSERVE_RESOURCES
 
 
 def _named(kind: str, name: str) -> dict:
@@ -56,15 +88,35 @@ def _named(kind: str, name: str) -> dict:
     return resource
 
 
+def _workloads() -> list[dict]:
+    return [r for r in RESOURCES + TEMPLATES if r["kind"] in ("Deployment", "StatefulSet", "Job")]
+
+
 def _pod_specs() -> dict[str, dict]:
-    """Every pod template, by its workload's name, plus the KServe predictor's pod fields."""
+    """Every pod template, by its ``app.kubernetes.io/name`` label (the workload's name, or
+    ``drain-spool`` for the drain Job template), plus the KServe predictor's pod fields."""
     specs = {
-        r["metadata"]["name"]: r["spec"]["template"]["spec"]
-        for r in RESOURCES
-        if r["kind"] in ("Deployment", "StatefulSet", "Job")
+        r["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]: r["spec"]["template"]["spec"]
+        for r in _workloads()
     }
     specs["kserve"] = INFERENCE_SERVICE["spec"]["predictor"]
     return specs
+
+
+def _pod_labels() -> dict[str, dict]:
+    """The labels each pod gets: its template's, or KServe's copy of the InferenceService's."""
+    labels = {
+        r["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]: r["spec"]["template"][
+            "metadata"
+        ]["labels"]
+        for r in _workloads()
+    }
+    labels["kserve"] = {
+        **INFERENCE_SERVICE["metadata"].get("labels", {}),
+        "serving.kserve.io/inferenceservice": INFERENCE_SERVICE["metadata"]["name"],
+        "component": "predictor",
+    }
+    return labels
 
 
 def _containers(spec: dict) -> list[dict]:
@@ -99,8 +151,11 @@ def _compose_health_url(service: str) -> str:
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_manifest_is_valid_against_the_kubernetes_schemas(version):
+    """The folder's resources, the drain Job as its documented `sed` makes it, and the KServe
+    file's NetworkPolicy (its InferenceService has no schema offline: see below)."""
     errors = []
-    for resource in RESOURCES:
+    checked = RESOURCES + TEMPLATES + [r for r in KSERVE_RESOURCES if r is not INFERENCE_SERVICE]
+    for resource in checked:
         try:
             kubernetes_validate.validate(resource, version, strict=True)
         except kubernetes_validate.ValidationError as error:
@@ -108,7 +163,7 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas(version):
             errors.append(f"{resource['kind']}/{resource['metadata']['name']}: {path}: {error.message}")
         except kubernetes_validate.SchemaNotFoundError as error:
             errors.append(error.message)  # an unknown kind or apiVersion is a failure, not a skip
-    assert RESOURCES and not errors, "\n".join(errors)
+    assert RESOURCES and TEMPLATES and not errors, "\n".join(errors)
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -169,22 +224,105 @@ def test_mlflow_runs_as_compose_runs_it():
     assert manifest_flags["--workers"] == f"--workers={tracking_server.DEFAULT_WORKERS}"
     compose_hosts = compose_flags["--allowed-hosts"].split("=", 1)[1].split(",")
     assert set(compose_hosts) <= set(manifest_flags["--allowed-hosts"].split("=", 1)[1].split(","))
-    shape = re.compile(r"postgresql\+psycopg2://[^:]+:[^@]+@db:5432/.+")
-    assert shape.fullmatch(_env(container)["MLFLOW_BACKEND_STORE_URI"])
-    assert shape.fullmatch(_compose_default(compose["environment"]["MLFLOW_BACKEND_STORE_URI"]))
+    # The same database, user and name; the password comes from the Secret here, and from
+    # libpq's password file under compose (docker-compose.yml's `credentials`), never from
+    # a variable that `docker inspect` shows.
+    assert re.fullmatch(
+        r"postgresql\+psycopg2://\$\(POSTGRES_USER\):\$\(POSTGRES_PASSWORD\)@db:5432/\$\(POSTGRES_DB\)",
+        _env(container)["MLFLOW_BACKEND_STORE_URI"],
+    )
+    compose_env = _compose_env("mlflow")
+    assert compose_env["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg2://mlflow@db:5432/mlflow"
+    assert compose_env["PGPASSFILE"].startswith("/run/credit-risk/credentials/")
 
 
-def test_the_database_account_is_the_one_compose_uses():
-    secret = _named("Secret", "db")["stringData"]
-    assert set(secret) == set(_compose_env("db"))
+# -- the database's credentials: a Secret made by a documented command --------------------------
+
+
+def _documented_commands(text: str, start: str) -> list[list[str]]:
+    """Every shell command in ``text`` that begins with ``start``, continuation lines joined,
+    as the shell would split it (``$(...)`` left as written)."""
+    joined = re.sub(r"\\\n\s*(#\s*)?", " ", text)
+    return [
+        shlex.split(line.strip().lstrip("#").strip())
+        for line in joined.splitlines()
+        if line.strip().lstrip("#").strip().startswith(start)
+    ]
+
+
+SECRET_COMMAND = "kubectl -n credit-risk create secret generic db "
+
+
+def documented_db_secret() -> dict[str, str]:
+    """The Secret `db` as the command in docs/operations.md makes it, with the password it
+    generates (``$(openssl rand -hex 24)``) generated the same way here."""
+    [command] = [
+        c for c in _documented_commands(OPERATIONS.read_text(), SECRET_COMMAND) if "--dry-run=client" not in c
+    ]
+    literals = dict(arg.removeprefix("--from-literal=").split("=", 1) for arg in command[7:])
+    assert command[7:] == [f"--from-literal={k}={v}" for k, v in literals.items()], command
+    generated = {"$(openssl rand -hex 24)": secrets.token_hex(24)}
+    return {key: generated.get(value, value) for key, value in literals.items()}
+
+
+def test_no_secret_value_is_committed():
+    """No Secret in any file that `kubectl apply` takes, and no password-like variable with a
+    literal value: credentials come from a Secret made by hand (or, later, generated)."""
+    assert not [r["metadata"]["name"] for r in EVERYTHING if r["kind"] == "Secret"]
+    for workload, spec in _pod_specs().items():
+        for container in _containers(spec):
+            for name, value in _env(container).items():
+                if re.search(r"PASSWORD|SECRET|TOKEN|_KEY$", name):
+                    assert value is None, f"{workload}/{container['name']}: {name} has a committed value"
+
+
+def test_the_documented_secret_command_makes_what_the_pods_read():
+    """The command in docs/operations.md and in 11-db.yaml's header is the same, generates the
+    password, and makes exactly the keys the pods read: the postgres image's account, which is
+    also compose's (there POSTGRES_PASSWORD is a file: POSTGRES_PASSWORD_FILE)."""
+    [in_docs] = [
+        c for c in _documented_commands(OPERATIONS.read_text(), SECRET_COMMAND) if "--dry-run=client" not in c
+    ]
+    [in_manifest] = _documented_commands(
+        (REPO / "deploy" / "kubernetes" / "11-db.yaml").read_text(), SECRET_COMMAND
+    )
+    assert in_docs == in_manifest
+    secret = documented_db_secret()
+    assert re.fullmatch(r"[0-9a-f]{48}", secret["POSTGRES_PASSWORD"])  # generated, and URI-safe
+    compose_account = {name.removesuffix("_FILE") for name in _compose_env("db")}
+    assert set(secret) == compose_account == {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
     assert _container("db", "db")["envFrom"] == [{"secretRef": {"name": "db"}}]
+    referenced = {
+        entry["valueFrom"]["secretKeyRef"]["key"]
+        for spec in _pod_specs().values()
+        for container in _containers(spec)
+        for entry in container.get("env", [])
+        if "secretKeyRef" in entry.get("valueFrom", {})
+    }
+    assert referenced == set(secret)
+    for spec in _pod_specs().values():
+        for container in _containers(spec):
+            for entry in container.get("env", []):
+                if "secretKeyRef" in entry.get("valueFrom", {}):
+                    assert entry["valueFrom"]["secretKeyRef"]["name"] == "db"
+
+
+# Set under compose only, and why.
+COMPOSE_ONLY = {
+    # libpq's password file on the `credentials` volume; the Deployment passes the password
+    # from the Secret into the URI instead.
+    ("mlflow", "PGPASSFILE"),
+}
 
 
 def test_every_compose_variable_is_set_in_the_manifests_too():
     for (workload, container), service in SAME_AS_COMPOSE.items():
         if workload == "kserve":
             continue  # the KServe example sets only what differs from the image
-        missing = set(_compose_env(service)) - set(_env(_container(workload, container)))
+        missing = {
+            name for name in set(_compose_env(service)) - set(_env(_container(workload, container)))
+            if (service, name) not in COMPOSE_ONLY
+        }  # fmt: skip
         assert not missing, f"{workload}/{container} lacks compose's {sorted(missing)}"
 
 
@@ -318,7 +456,7 @@ def test_every_pod_runs_as_non_root_with_no_capabilities_and_bounded_resources()
             assert context["readOnlyRootFilesystem"] is True, where
             assert context["capabilities"]["drop"] == ["ALL"], where
             for bound in ("requests", "limits"):
-                assert set(container["resources"][bound]) == {"cpu", "memory"}, where
+                assert set(container["resources"][bound]) == {"cpu", "memory", "ephemeral-storage"}, where
 
 
 def test_the_autoscaler_scales_serving_on_cpu():
@@ -330,6 +468,397 @@ def test_the_autoscaler_scales_serving_on_cpu():
     }
     [metric] = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"
+
+
+# -- hygiene of every pod ----------------------------------------------------------------------
+
+_UNITS = {
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+# What each container's logs may take: the kubelet keeps 5 rotated files of 10 MiB by default.
+LOG_BYTES = 64 << 20
+
+
+def _bytes(quantity: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([KMGT]i?|k)?", str(quantity)).groups()
+    return int(number) * _UNITS.get(unit, 1)
+
+
+def test_no_pod_gets_a_service_account_token():
+    [account] = [r for r in RESOURCES if r["kind"] == "ServiceAccount"]
+    assert account["metadata"]["name"] == SERVICE_ACCOUNT
+    assert account["automountServiceAccountToken"] is False
+    assert not [
+        r for r in EVERYTHING if r["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+    ]
+    for workload, spec in _pod_specs().items():
+        assert spec["serviceAccountName"] == SERVICE_ACCOUNT, workload
+        assert spec["automountServiceAccountToken"] is False, workload
+
+
+def test_every_emptydir_has_a_size_limit():
+    for workload, spec in _pod_specs().items():
+        for volume in spec.get("volumes", []):
+            if "emptyDir" in volume:
+                assert _bytes(volume["emptyDir"]["sizeLimit"]) > 0, (workload, volume["name"])
+
+
+def test_every_container_bounds_its_ephemeral_storage():
+    """Requests and limits on every container; a pod is evicted when its containers' logs and
+    its emptyDirs pass the sum of their limits, so that sum leaves each emptyDir its size limit
+    and each container room for its logs."""
+    for workload, spec in _pod_specs().items():
+        containers = _containers(spec)
+        for container in containers:
+            request = _bytes(container["resources"]["requests"]["ephemeral-storage"])
+            limit = _bytes(container["resources"]["limits"]["ephemeral-storage"])
+            assert 0 < request <= limit, (workload, container["name"])
+        scratch = sum(_bytes(v["emptyDir"]["sizeLimit"]) for v in spec.get("volumes", []) if "emptyDir" in v)
+        limits = sum(_bytes(c["resources"]["limits"]["ephemeral-storage"]) for c in containers)
+        assert limits >= scratch + LOG_BYTES * len(containers), workload
+
+
+def test_no_replicas_on_a_workload_an_autoscaler_owns():
+    """`kubectl apply` would reset the count the autoscaler chose; the first count is the
+    autoscaler's minReplicas, which leaves the disruption budget a replica to spare."""
+    autoscalers = [r for r in RESOURCES if r["kind"] == "HorizontalPodAutoscaler"]
+    assert autoscalers
+    for hpa in autoscalers:
+        target = hpa["spec"]["scaleTargetRef"]
+        workload = _named(target["kind"], target["name"])
+        assert "replicas" not in workload["spec"], target["name"]
+        [budget] = [
+            r
+            for r in RESOURCES
+            if r["kind"] == "PodDisruptionBudget" and r["spec"]["selector"] == workload["spec"]["selector"]
+        ]
+        assert hpa["spec"]["minReplicas"] > budget["spec"]["minAvailable"]
+
+
+# -- network policies ---------------------------------------------------------------------------
+
+POLICIES = [r for r in RESOURCES + KSERVE_RESOURCES if r["kind"] == "NetworkPolicy"]
+OPERATOR_COMMAND = "kubectl -n credit-risk run operator "
+
+
+def _strategic_merge(base: dict, patch: dict) -> dict:
+    """kubectl's strategic merge for what the operator's --overrides holds: maps merge, and the
+    pod's `containers` merge by name."""
+    merged = copy.deepcopy(base)
+    for key, value in patch.items():
+        if key == "containers":
+            by_name = {c["name"]: c for c in merged["containers"]}
+            for container in value:
+                by_name[container["name"]] = _strategic_merge(by_name.get(container["name"], {}), container)
+            merged["containers"] = list(by_name.values())
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _strategic_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _flag(command: list[str], name: str) -> list[str]:
+    return [arg.split("=", 1)[1] for arg in command if arg.startswith(f"--{name}=")]
+
+
+def operator_pod() -> dict:
+    """The Pod that the documented `kubectl run operator ...` creates (kubectl run's pod, its
+    --labels, --image, --env, then --overrides merged in the strategic way it names)."""
+    [command] = _documented_commands(OPERATIONS.read_text(), OPERATOR_COMMAND)
+    name = command[4]
+    separator = command.index("--")
+    assert _flag(command, "override-type") == ["strategic"] and "--restart=Never" in command
+    labels = dict(pair.split("=", 1) for label in _flag(command, "labels") for pair in label.split(","))
+    [image] = _flag(command, "image")
+    env = [dict(zip(("name", "value"), e.split("=", 1), strict=True)) for e in _flag(command, "env")]
+    [overrides] = _flag(command, "overrides")
+    generated = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": name, "image": image, "env": env, "args": command[separator + 1 :]}],
+        },
+    }
+    return _strategic_merge(generated, {"spec": json.loads(overrides)["spec"]})
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_documented_operator_pod_is_valid_and_restricted(version):
+    """Valid, and within the namespace's `restricted` Pod Security profile (the rules that
+    apply to it: non-root, no privilege escalation, all capabilities dropped, a seccomp
+    profile), with no API token; it runs `credit-risk` from the trainer's image."""
+    pod = operator_pod()
+    kubernetes_validate.validate(pod, version, strict=True)
+    namespace = _named("Namespace", NAMESPACE)
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    spec = pod["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert spec["automountServiceAccountToken"] is False and spec["serviceAccountName"] == SERVICE_ACCOUNT
+    [container] = spec["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["image"] == _container("trainer", "trainer")["image"]
+    assert container["args"][0] == "credit-risk"
+    assert {e["name"]: e["value"] for e in container["env"]} == {
+        "MLFLOW_TRACKING_URI": COMPOSE["x-mlflow-client"]["MLFLOW_TRACKING_URI"]
+    }
+
+
+def _pods() -> dict[str, Endpoint]:
+    """Every pod of the namespace (the operator's as documented), and pods elsewhere."""
+    namespace_labels = {
+        **_named("Namespace", NAMESPACE)["metadata"]["labels"],
+        "kubernetes.io/metadata.name": NAMESPACE,
+    }
+    ours = {
+        name: Endpoint(name, labels, NAMESPACE, namespace_labels) for name, labels in _pod_labels().items()
+    }
+    ours["operator"] = Endpoint("operator", operator_pod()["metadata"]["labels"], NAMESPACE, namespace_labels)
+    ours["unlabelled"] = Endpoint("unlabelled", {"run": "debug"}, NAMESPACE, namespace_labels)
+    elsewhere = {
+        "prometheus": Endpoint(
+            "prometheus",
+            {"app.kubernetes.io/name": "prometheus"},
+            "monitoring",
+            {"kubernetes.io/metadata.name": "monitoring", "credit-risk/monitoring": "true"},
+        ),
+        "client": Endpoint(
+            "client", {"app": "loan-desk"}, "lending", {"kubernetes.io/metadata.name": "lending"}
+        ),
+        "mlflow-lookalike": Endpoint(  # the right labels in another namespace reach nothing
+            "mlflow-lookalike",
+            {"app.kubernetes.io/name": "mlflow", "credit-risk/mlflow-client": "true"},
+            "other",
+            {"kubernetes.io/metadata.name": "other"},
+        ),
+        "dns": Endpoint(
+            "dns", {"k8s-app": "kube-dns"}, "kube-system", {"kubernetes.io/metadata.name": "kube-system"}
+        ),
+        "internet": Endpoint("internet", pod=False),
+    }
+    return ours | elsewhere
+
+
+def _service_ports(service: str) -> set[int]:
+    return {port["port"] for port in _named("Service", service)["spec"]["ports"]}
+
+
+def _reach(source: str, destination: str, port: int, protocol: str = "TCP") -> bool:
+    pods = _pods()
+    return connection_allowed(POLICIES, pods[source], pods[destination], port, protocol)
+
+
+def test_the_policy_evaluator_follows_the_api_rules():
+    """Hand-worked cases from the NetworkPolicy reference, so that the checks below rest on
+    the API's rules and not on the evaluator's say-so."""
+    ns = {"kubernetes.io/metadata.name": "a"}
+    web = Endpoint("web", {"app": "web"}, "a", ns)
+    db = Endpoint("db", {"app": "db"}, "a", ns)
+    other_ns_web = Endpoint("web-b", {"app": "web"}, "b", {"kubernetes.io/metadata.name": "b", "team": "x"})
+
+    def policy(spec: dict, namespace: str = "a") -> dict:
+        return {"metadata": {"name": "p", "namespace": namespace}, "spec": spec}
+
+    assert connection_allowed([], web, db, 5432)  # no policy: not isolated
+    ingress_db = policy(
+        {"podSelector": {"matchLabels": {"app": "db"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 5432}]}]}
+    )  # fmt: skip
+    assert connection_allowed([ingress_db], web, db, 5432)
+    assert not connection_allowed([ingress_db], web, db, 5433)  # port not listed
+    assert not connection_allowed([ingress_db], other_ns_web, db, 5432)  # podSelector alone: own namespace
+    assert connection_allowed([ingress_db], db, web, 80)  # web is not selected: open
+    # policyTypes omitted, no egress rules: egress is not isolated.
+    assert connection_allowed([ingress_db], db, other_ns_web, 443)
+    # One peer with both selectors (AND) against two peers (OR).
+    both = {
+        "namespaceSelector": {"matchLabels": {"team": "x"}},
+        "podSelector": {"matchLabels": {"app": "db"}},
+    }
+    anded = policy({"podSelector": {"matchLabels": {"app": "db"}}, "ingress": [{"from": [both]}]})
+    ored = policy(
+        {"podSelector": {"matchLabels": {"app": "db"}}, "ingress": [{"from": [{"namespaceSelector": both["namespaceSelector"]}, {"podSelector": both["podSelector"]}]}]}
+    )  # fmt: skip
+    assert not connection_allowed([anded], other_ns_web, db, 5432)
+    assert connection_allowed([ored], other_ns_web, db, 5432)
+    # An egress-only default deny with a DNS rule: port 53 anywhere, nothing else.
+    dns_only = policy(
+        {
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "egress": [{"ports": [{"protocol": "UDP", "port": 53}]}],
+        }
+    )
+    outside = Endpoint("8.8.8.8", pod=False)
+    assert connection_allowed([dns_only], web, outside, 53, "UDP")
+    assert not connection_allowed([dns_only], web, outside, 53, "TCP")
+    assert not connection_allowed([dns_only], web, db, 5432)
+    # matchExpressions: NotIn also selects pods without the key.
+    assert selects(
+        {"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["x"]}]}, {"app": "web"}
+    )
+    assert not selects({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, {"app": "web"})
+    with pytest.raises(ValueError):
+        connection_allowed(
+            [policy({"podSelector": {}, "ingress": [{"ports": [{"port": "http"}]}]})], web, db, 80
+        )
+
+
+def test_the_namespace_denies_everything_by_default():
+    [default] = [p for p in POLICIES if p["spec"]["podSelector"] == {}]
+    assert set(default["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert not default["spec"].get("ingress") and not default["spec"].get("egress")
+    assert all(p["metadata"]["namespace"] == NAMESPACE for p in POLICIES)
+
+
+def test_every_policy_selects_pods_that_exist_and_admits_only_ports_they_serve():
+    """A policy selecting no pod is a typo; an admitted port no selected pod declares, a
+    mismatch. The ports each pod admits from anywhere at all are the ports its Services route
+    to (serving: both its Services; mlflow, db: theirs; KServe's predictor: its V2 port)."""
+    specs = {**_pod_specs(), "operator": operator_pod()["spec"]}  # the pods the stack runs
+    pods = _pods()
+    for policy in POLICIES:
+        selected = [name for name in specs if selects(policy["spec"]["podSelector"], pods[name].labels)]
+        assert selected, policy["metadata"]["name"]
+        declared = {
+            p["containerPort"]
+            for name in selected
+            for c in _containers(specs[name])
+            for p in c.get("ports", [])
+        }
+        for rule in policy["spec"].get("ingress", []):
+            admitted = {p["port"] for p in rule["ports"]}
+            assert admitted <= declared, (policy["metadata"]["name"], admitted - declared)
+    everyone = [p for p in _pods().values() if p.pod]
+    all_ports = {
+        p["containerPort"] for s in specs.values() for c in _containers(s) for p in c.get("ports", [])
+    }
+
+    def admitted(name: str) -> set[int]:
+        return {
+            port
+            for port in all_ports
+            if any(connection_allowed(POLICIES, source, pods[name], port) for source in everyone)
+        }
+
+    assert admitted("serving") == _service_ports("serving") | _service_ports("serving-headless")
+    assert admitted("mlflow") == _service_ports("mlflow")
+    assert admitted("db") == _service_ports("db")
+    assert admitted("kserve") == {
+        p["containerPort"] for p in _container("kserve", "kserve-container")["ports"]
+    }
+    for name in ("trainer", "drain-spool"):
+        assert admitted(name) == set(), name
+
+
+MLFLOW_CLIENTS = {"trainer", "serving", "drain-spool", "kserve", "operator"}
+
+
+def test_mlflow_is_reached_only_by_its_clients_and_reaches_only_the_database():
+    port = services.MLFLOW_PORT
+    for name in _pods():
+        assert _reach(name, "mlflow", port) == (name in MLFLOW_CLIENTS), name
+    [db_port] = _service_ports("db")
+    for name in _pods():
+        assert _reach(name, "db", db_port) == (name == "mlflow"), name
+    for destination, port in (("internet", 443), ("serving", DEFAULT_HTTP_PORT), ("prometheus", 9090)):
+        assert not _reach("mlflow", destination, port), destination
+
+
+def test_the_database_reaches_nothing_and_clients_reach_only_mlflow():
+    destinations = [n for n, e in _pods().items() if n not in ("mlflow",)]
+    for destination in destinations:
+        assert not _reach("db", destination, 53, "UDP") and not _reach("db", destination, 443), destination
+    for client in MLFLOW_CLIENTS - {"operator"}:
+        assert not _reach(client, "internet", 443), client
+        assert not _reach(client, "db", 5432), client
+        assert not _reach(client, "client", DEFAULT_HTTP_PORT), client
+        assert not _reach(client, "serving", DEFAULT_HTTP_PORT) or client == "serving", client
+
+
+def test_names_resolve_for_the_pods_that_need_them_only():
+    for name in MLFLOW_CLIENTS | {"mlflow"}:
+        for protocol in ("UDP", "TCP"):
+            assert _reach(name, "dns", 53, protocol), (name, protocol)
+    for name in ("db", "unlabelled"):
+        assert not _reach(name, "dns", 53, "UDP"), name
+
+
+def test_serving_answers_everyone_and_its_metrics_only_monitoring():
+    for port in _service_ports("serving"):
+        for source in ("client", "prometheus", "operator"):
+            assert _reach(source, "serving", port), (source, port)
+        assert not _reach("unlabelled", "serving", port)  # its own egress is denied
+        assert _reach("client", "kserve", DEFAULT_HTTP_PORT)
+    metrics = _service_ports("serving-headless") - _service_ports("serving")
+    assert metrics == {DEFAULT_METRICS_PORT, SIDECAR_PORT}
+    for port in metrics:
+        for source in _pods():
+            assert _reach(source, "serving", port) == (source == "prometheus"), (source, port)
+
+
+# -- the drain Job: the sidecar, once, on a spool left behind ----------------------------------
+
+
+def _drain_job() -> dict:
+    [job] = [r for r in TEMPLATES if r["kind"] == "Job"]
+    return job
+
+
+def test_the_drain_job_is_a_template_that_kubectl_apply_of_the_folder_leaves_out():
+    [template] = JOB_TEMPLATES
+    assert template.parent.name == "jobs" and template not in MANIFESTS
+    [raw] = _load(template)
+    dns_name = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+    assert not dns_name.fullmatch(raw["metadata"]["name"])  # applied unedited, it is refused
+    assert dns_name.fullmatch(_drain_job()["metadata"]["name"])
+    # docs/operations.md runs the same substitution the template's header documents, and finds
+    # the claims by the labels the StatefulSet gives them (its selector's).
+    old, new = _template_substitution(template)
+    docs = OPERATIONS.read_text()
+    assert f'sed "s/{old}/{new}/g" {template.relative_to(REPO)} | kubectl apply -f -' in docs
+    [selector] = re.findall(r"kubectl -n credit-risk get pvc -l (\S+)", docs)
+    assert dict([selector.split("=")]) == _named("StatefulSet", "serving")["spec"]["selector"]["matchLabels"]
+
+
+def test_the_drain_job_runs_the_sidecar_once_as_the_removed_replica():
+    job = _drain_job()
+    spec = job["spec"]["template"]["spec"]
+    [drain] = spec["containers"]
+    sidecar = _container("serving", "sidecar")
+    statefulset = _named("StatefulSet", "serving")
+    serving_pod = statefulset["spec"]["template"]["spec"]
+    spool_dir = _env(sidecar)["CREDIT_RISK_SPOOL_DIR"]
+    assert drain["command"] == ["credit-risk", "sidecar", "--drain-once", "--spool-dir", spool_dir]
+    assert drain["image"] == sidecar["image"]
+    replica = f"{statefulset['metadata']['name']}-{ORDINAL}"
+    assert _env(drain) == {**_env(sidecar), "CREDIT_RISK_REPLICA_ID": replica}
+    assert drain["securityContext"] == sidecar["securityContext"]
+    assert spec["securityContext"] == serving_pod["securityContext"]
+    for bound in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            assert drain["resources"][bound][resource] == sidecar["resources"][bound][resource]
+    [claim_template] = statefulset["spec"]["volumeClaimTemplates"]
+    [spool] = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    # The StatefulSet names each replica's claim <template>-<statefulset>-<ordinal>.
+    assert spool["persistentVolumeClaim"]["claimName"] == f"{claim_template['metadata']['name']}-{replica}"
+    mounts = {m["name"]: m["mountPath"] for m in drain["volumeMounts"]}
+    assert mounts[spool["name"]] == spool_dir
+    assert spec["restartPolicy"] == "OnFailure" and job["spec"]["backoffLimit"] >= 1
+    assert selects(
+        next(p for p in POLICIES if p["metadata"]["name"] == "mlflow-clients")["spec"]["podSelector"],
+        job["spec"]["template"]["metadata"]["labels"],
+    )
 
 
 # -- probe paths, asked of the real processes (on free ports) -----------------------------------------------

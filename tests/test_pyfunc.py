@@ -33,7 +33,9 @@ def saved_model(sample, tmp_path_factory):
     try:
         pipeline = build_pipeline(classifier_params({"max_iter": 50}), seed=42)
         pipeline.fit(sample.features, sample.target)
-        with mlflow.start_run(experiment_id=mlflow.create_experiment("pyfunc")):
+        # Artifacts beside the store: the default root is ./mlruns in the working folder.
+        experiment = mlflow.create_experiment("pyfunc", artifact_location=(store / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
             info = _log_model(pipeline, 0.3, sample, sample.features.head(5))
         local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(store / "model"))
         yield {"path": local, "pipeline": pipeline}

@@ -54,6 +54,7 @@ def test_the_documented_defaults(tmp_path, monkeypatch):
     assert (settings.stall_after_s, settings.liveness_after_s, settings.drain_s) == (120, 600, 20)
     assert settings.max_line_bytes == 64 << 20
     assert (settings.fault_points, settings.fault_pause_s) == (frozenset(), 30)
+    assert (settings.retention_days, settings.prune_every_s) == (None, 3600)  # keep for ever
 
 
 def test_every_variable_in_the_table_is_read(tmp_path, monkeypatch):
@@ -76,6 +77,8 @@ def test_every_variable_in_the_table_is_read(tmp_path, monkeypatch):
         "CREDIT_RISK_LIVENESS_AFTER_S": "99",
         "CREDIT_RISK_SIDECAR_DRAIN_S": "3",
         "CREDIT_RISK_MAX_LINE_BYTES": "2048",
+        "CREDIT_RISK_RETENTION_DAYS": "30",
+        "CREDIT_RISK_PRUNE_EVERY_S": "600",
         "CREDIT_RISK_FAULT_POINTS": " after_plan , after_commit",
         "CREDIT_RISK_FAULT_PAUSE_S": "4",
     }
@@ -89,6 +92,7 @@ def test_every_variable_in_the_table_is_read(tmp_path, monkeypatch):
     assert (settings.host, settings.port, settings.experiment) == ("0.0.0.0", 9999, "elsewhere")
     assert (settings.stall_after_s, settings.liveness_after_s, settings.drain_s) == (9, 99, 3)
     assert settings.max_line_bytes == 2048
+    assert (settings.retention_days, settings.prune_every_s) == (30, 600)
     assert (settings.fault_points, settings.fault_pause_s) == ({"after_plan", "after_commit"}, 4)
 
 
@@ -104,6 +108,10 @@ def test_a_bad_value_is_named_by_its_variable_with_its_value(tmp_path, monkeypat
         "CREDIT_RISK_FAULT_POINTS"
     ]
     assert "bogus" in error["msg"] and "after_upload" in error["msg"]
+    error = _errors(monkeypatch, **spool, CREDIT_RISK_RETENTION_DAYS="0")["CREDIT_RISK_RETENTION_DAYS"]
+    assert error["input"] == "0" and "1" in error["msg"]
+    error = _errors(monkeypatch, **spool, CREDIT_RISK_RETENTION_DAYS="a month")["CREDIT_RISK_RETENTION_DAYS"]
+    assert error["input"] == "a month"
     # The nested spool settings name their own variables.
     error = _errors(monkeypatch, **spool, CREDIT_RISK_SPOOL_MAX_BYTES="lots")["CREDIT_RISK_SPOOL_MAX_BYTES"]
     assert error["input"] == "lots"

@@ -1,5 +1,6 @@
 """`docker compose up` for real: build, health in order, inference, records, restarts, with
-MLflow's runs and registry in the `db` service's PostgreSQL.
+MLflow's runs and registry in the `db` service's PostgreSQL, a database password that no
+`docker inspect` shows, and the hardening each container claims.
 
 Runs under its own project name, image tag and free published ports, so it never touches a
 user's stack, and removes everything it created (containers, volumes, network, images).
@@ -15,7 +16,6 @@ import uuid
 
 import httpx
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.reader import read_records
@@ -48,11 +48,15 @@ class Compose:
             name: free_port()
             for name in ("MLFLOW_PORT", "MLSERVER_HTTP_PORT", "MLSERVER_GRPC_PORT", "MLSERVER_METRICS_PORT")
         }
+        # Characters a URI would need escaped: the password travels only as files.
+        self.password_marker = uuid.uuid4().hex
+        self.db_password = f"{self.password_marker}:@/\\%"
         self.env = {
             **os.environ,
             **{k: str(v) for k, v in self.ports.items()},
             "CREDIT_RISK_IMAGE_TAG": f"test-{suffix}",
             "CREDIT_RISK_FLUSH_INTERVAL_S": "2",
+            "POSTGRES_PASSWORD": self.db_password,
         }
         self.images = [f"credit-risk-{kind}:test-{suffix}" for kind in ("train", "serve")]
         self.mlflow_url = f"http://127.0.0.1:{self.ports['MLFLOW_PORT']}"
@@ -177,6 +181,55 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
         assert len(records) == 2 * len(first), how  # nothing lost, nothing twice
 
 
+def test_no_container_shows_the_database_password(compose):
+    """Every container of the running stack, the one-shot ones included: the password is in no
+    `docker inspect` (environment, command, labels, mounts); each runs as compose claims
+    (read-only root, no capabilities, no privilege gain, its memory limit); the password files
+    belong to their one reader; and the database takes that password, and only that one."""
+    compose.up()
+    config = json.loads(compose.run("config", "--format", "json").stdout)["services"]
+    containers = compose.run("ps", "--all", "--quiet").stdout.split()
+    assert len(containers) == len(config), containers
+    for container in containers:
+        raw = subprocess.run(
+            ["docker", "inspect", container], capture_output=True, text=True, check=True
+        ).stdout
+        assert compose.password_marker not in raw, container
+        [inspect] = json.loads(raw)
+        service = inspect["Config"]["Labels"]["com.docker.compose.service"]
+        for variable in inspect["Config"]["Env"]:
+            name = variable.split("=", 1)[0]
+            assert "PASSWORD" not in name or name.endswith("_FILE"), (service, name)
+        host = inspect["HostConfig"]
+        assert host["ReadonlyRootfs"] is config[service].get("read_only", False), service
+        assert host["CapDrop"] == ["ALL"], service
+        added = [capability.removeprefix("CAP_") for capability in host["CapAdd"] or []]  # Docker adds CAP_
+        assert added == config[service].get("cap_add", []), service
+        assert "no-new-privileges:true" in host["SecurityOpt"], service
+        assert host["Memory"] == host["MemorySwap"] == int(config[service]["mem_limit"]), service
+    owners = {
+        ("db", "db-password"): "999 400",
+        ("mlflow", "pgpass"): "10001 600",
+    }
+    for (service, name), expected in owners.items():
+        path = f"/run/credit-risk/credentials/{name}"
+        assert compose.run("exec", "-T", service, "stat", "-c", "%u %a", path).stdout.strip() == expected
+    # Over the network (host `db`, the container's own address): loopback is `trust` in the
+    # image's pg_hba.conf, and no other client connects that way.
+    psql = [
+        "psql",
+        "--host=db",
+        "--username=mlflow",
+        "--dbname=mlflow",
+        "--no-password",
+        "--command=SELECT 1",
+    ]
+    right = compose.run("exec", "-T", "-e", f"PGPASSWORD={compose.db_password}", "db", *psql, check=False)
+    assert right.returncode == 0, right.stderr
+    wrong = compose.run("exec", "-T", "-e", "PGPASSWORD=mlflow", "db", *psql, check=False)
+    assert "password authentication failed" in wrong.stderr, wrong
+
+
 def _started_at(compose: Compose, service: str) -> str:
     container = compose.run("ps", "--quiet", service).stdout.strip()
     inspect = subprocess.run(["docker", "inspect", container], capture_output=True, text=True, check=True)
@@ -204,7 +257,10 @@ def test_a_promotion_while_up_is_served_without_a_restart(compose):
 
 
 def _as_docker_run_flags(pod: dict, container: dict) -> list[str]:
-    """The manifest's security context and emptyDir mounts, as `docker run` flags."""
+    """The manifest's security context, memory limit and emptyDir mounts (as tmpfs of their
+    sizeLimit), as `docker run` flags."""
+    from tests.test_kubernetes_manifests import _bytes
+
     pod_context, context = pod["securityContext"], container["securityContext"]
     flags = ["--user", f"{pod_context['runAsUser']}:{pod_context['runAsGroup']}"]
     flags += [f"--cap-drop={capability}" for capability in context["capabilities"]["drop"]]
@@ -212,9 +268,14 @@ def _as_docker_run_flags(pod: dict, container: dict) -> list[str]:
         flags.append("--read-only")
     if context["allowPrivilegeEscalation"] is False:
         flags += ["--security-opt", "no-new-privileges"]
-    scratch = {volume["name"] for volume in pod["volumes"] if "emptyDir" in volume}
+    memory = _bytes(container["resources"]["limits"]["memory"])
+    flags += [f"--memory={memory}", f"--memory-swap={memory}"]
+    scratch = {volume["name"]: volume["emptyDir"] for volume in pod["volumes"] if "emptyDir" in volume}
     flags += [
-        arg for m in container["volumeMounts"] if m["name"] in scratch for arg in ("--tmpfs", m["mountPath"])
+        arg
+        for m in container["volumeMounts"]
+        if m["name"] in scratch
+        for arg in ("--tmpfs", f"{m['mountPath']}:size={_bytes(scratch[m['name']]['sizeLimit'])}")
     ]
     return flags
 
@@ -297,15 +358,15 @@ def test_the_kubernetes_serving_pod_runs_under_its_security_context(compose):
 
 def test_the_kubernetes_database_pod_runs_under_its_security_context():
     """deploy/kubernetes/11-db.yaml's PostgreSQL as docker can run it: the manifest's user,
-    read-only root, no capabilities, emptyDir scratch folders and a data volume; it
-    initialises, answers the manifest's probe command, and stops cleanly."""
-    from tests.test_kubernetes_manifests import _container, _pod_specs
+    read-only root, no capabilities, emptyDir scratch folders and a data volume, and the Secret
+    `db` as the documented command makes it; it initialises, answers the manifest's probe
+    command, and stops cleanly."""
+    from tests.test_kubernetes_manifests import _container, _pod_specs, documented_db_secret
 
     if not _docker_usable():  # a failure under CI (tests/conftest.py)
         pytest.skip("no usable Docker engine with Compose v2")
     pod, container = _pod_specs()["db"], _container("db", "db")
-    secret = yaml.safe_load((REPO / "deploy" / "kubernetes" / "10-db-secret.yaml").read_text())
-    env = {**secret["stringData"], **{e["name"]: e["value"] for e in container["env"]}}
+    env = {**documented_db_secret(), **{e["name"]: e["value"] for e in container["env"]}}
     name = f"credit-risk-test-db-{uuid.uuid4().hex[:8]}"
     [data] = [m for m in container["volumeMounts"] if m["name"] == "data"]
     try:
