@@ -539,13 +539,11 @@ def concurrent(stack, tmp_path_factory):
     """Two attempts started at once, each with a lock folder of its own (as on two machines,
     so that only the lease in MLflow keeps them apart). The schedule triggers them; Production
     is the challenger promoted by hand above, and no outcome came since: the challenger gets
-    exactly Production's rows."""
+    exactly Production's rows. No cooldown for these two (the manual attempt above trained
+    minutes ago); the next attempt's policy has one (``cooldown_policy``)."""
     root = tmp_path_factory.mktemp("concurrent")
     policy = write_policy(
-        root / "policy.toml",
-        trigger__schedule={"every_days": 1e-6},
-        attempts={"cooldown_hours": 1.0},
-        data={"production_weight": 3},
+        root / "policy.toml", trigger__schedule={"every_days": 1e-6}, data={"production_weight": 3}
     )
     production = stack.production()
     started = []
@@ -607,10 +605,16 @@ def test_a_challenger_that_loses_is_registered_refused_and_recorded(stack, concu
     assert status["waiting_challengers"] == []
 
 
-def test_the_cooldown_holds_the_next_attempt(stack, concurrent):
+def test_the_cooldown_holds_the_next_attempt(stack, concurrent, tmp_path):
     (trained,) = [r for r in concurrent["results"] if r["candidate_version"] is not None]
     versions = set(stack.versions())
-    done, result = stack.heal(concurrent["policy"])
+    cooldown_policy = write_policy(
+        tmp_path / "policy.toml",
+        trigger__schedule={"every_days": 1e-6},
+        attempts={"cooldown_hours": 1.0},
+        data={"production_weight": 3},
+    )
+    done, result = stack.heal(cooldown_policy)
     assert done.returncode == 0, done.stderr
     assert result["triggered"] is True and result["state"] == "skipped"
     assert result["candidate_version"] is None and set(stack.versions()) == versions
