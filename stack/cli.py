@@ -1,9 +1,10 @@
 """The ``credit-risk`` command: one entry point for every part of the project.
 
 ``train``, ``serve``, ``sidecar`` and ``tracking-server`` run one part in the foreground; ``promote``,
-``rollback`` and ``status`` move and show Production; ``records`` reads inference records
-back; ``monitor`` and ``outcomes`` watch drift and outcomes (``stack.monitor_cli``); ``up``
-and ``down`` start and stop the whole local stack in the background.
+``rollback`` and ``status`` move and show Production; ``heal --once`` evaluates the healing
+policy once (``stack.heal_cli``); ``records`` reads inference records back; ``monitor`` and
+``outcomes`` watch drift and outcomes (``stack.monitor_cli``); ``up`` and ``down`` start and
+stop the whole local stack in the background.
 
 Every command that talks to MLflow finds its tracking server through ``stack.local`` (the
 variable, else the local stack ``up`` recorded) and says which on stderr. Before any command
@@ -37,6 +38,7 @@ from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME, SERVING_DIR
 from stack import auth_cli, auth_files, local, processes, services, tracking_server
 from stack import auth_policy as policy
 from stack.errors import FAILED, USAGE, UsageError, settings_errors
+from stack.heal_cli import add_parser as add_heal_parser
 from stack.monitor_cli import add_parsers as add_monitor_parsers
 from stack.promotion import add_parsers as add_promotion_parsers
 from training.cli import add_parser as add_train_parser
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(subparsers, before_mlflow=local.use_tracking_server)
     add_promotion_parsers(subparsers)
+    add_heal_parser(subparsers)
     add_serve_parser(subparsers)
     add_sidecar_parser(subparsers)
     add_monitor_parsers(subparsers)

@@ -288,6 +288,51 @@ def _held_out_scores(client, version) -> dict:
     return scores
 
 
+def waiting_challengers(state) -> list[dict]:
+    """Challengers that passed the healing gate in manual mode and wait for an operator:
+    tagged ``heal.challenger=waiting``, not in Production and never promoted. Newest first."""
+    from healing import tags as heal
+    from training.promotion_history import SEQ_TAG
+
+    waiting = []
+    for number, version in state.versions.items():
+        tags = version.tags
+        if tags.get(heal.CHALLENGER) != heal.WAITING or number == state.holder or SEQ_TAG in tags:
+            continue
+        challenged = tags.get(heal.CHALLENGES)
+        waiting.append(
+            {
+                "version": number,
+                "challenges": challenged,
+                "production_moved": challenged != state.holder,
+                "attempt_run_id": tags.get(heal.ATTEMPT_RUN),
+                "gate_reason": tags.get("gate.reason"),
+                "recent_rows": tags.get("gate.recent.rows"),
+                "candidate_roc_auc_recent": tags.get("gate.recent.candidate_roc_auc"),
+                "production_roc_auc_recent": tags.get("gate.recent.production_roc_auc"),
+                "command": f"credit-risk promote --version {number} --reason 'reviewed challenger v{number}'",
+            }
+        )
+    return sorted(waiting, key=lambda item: int(item["version"]), reverse=True)
+
+
+def _waiting_lines(report: dict) -> list[str]:
+    lines = []
+    for item in report.get("waiting_challengers", []):
+        moved = (
+            f" (Production has moved since: the comparison was with v{item['challenges']})"
+            if item["production_moved"]
+            else ""
+        )
+        lines += [
+            f"  v{item['version']}  challenger of v{item['challenges']}, passed the healing gate{moved}: "
+            f"recent ROC AUC {item['candidate_roc_auc_recent']} vs {item['production_roc_auc_recent']} "
+            f"on {item['recent_rows']} rows (attempt run {item['attempt_run_id']})",
+            f"        to promote it: {item['command']}",
+        ]
+    return ["Waiting for an operator (healing, mode manual):", *lines] if lines else []
+
+
 def status_report(client, state, servers: list[str]) -> dict:
     from training.promotion_history import Promotion
 
@@ -322,6 +367,7 @@ def status_report(client, state, servers: list[str]) -> dict:
             for record in state.history
         ],
         "servers": [probe_server(url, holder) for url in servers],
+        "waiting_challengers": waiting_challengers(state),
     }
 
 
@@ -396,6 +442,7 @@ def format_status(report: dict) -> str:
         )
     if problems:
         lines += ["Attention:", *(f"  ! {problem}" for problem in problems)]
+    lines += _waiting_lines(report)
     lines.append("History (newest first):" if report["history"] else "History: no promotion recorded")
     for record in report["history"]:
         undone = f", rolled back at {record['rolled_back_at']}" if record["rolled_back"] else ""

@@ -445,7 +445,41 @@ def _gate(
     return decision
 
 
-def _train(settings: TrainingSettings, parameters: TrainingParameters) -> TrainingResult:
+@dataclass(frozen=True)
+class CandidateRun:
+    """How a candidate's run is named and tagged when its caller gates it (healing)."""
+
+    run_name: str
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A version trained and registered like any other, not yet gated: its caller gates it."""
+
+    run_id: str
+    run_url: str | None
+    version: ModelVersion
+    held_out: gate.HeldOut  # its held-out rows and the probabilities training computed
+    metrics: dict[str, float]  # held-out metrics (``roc_auc``, ...)
+    dataset_hash: str
+
+
+def train_candidate(
+    settings: TrainingSettings, parameters: TrainingParameters, run: CandidateRun
+) -> Candidate:
+    """Train on ``settings.data`` and register the version exactly as ``train`` does (same
+    stages, same records), in a run named and tagged as ``run`` says, but without the gate:
+    nothing is promoted here. The healing flow gates the candidate out of time
+    (``training.gate.challenge``) and promotes it by its policy. Always trains (a challenger
+    file is new bytes; the caller's cooldown keeps attempts apart)."""
+    with _quiet_mlflow(), threadpool_limits(1, user_api="openmp"):
+        return _train(settings, parameters, run)
+
+
+def _train(
+    settings: TrainingSettings, parameters: TrainingParameters, candidate: CandidateRun | None = None
+) -> TrainingResult | Candidate:
     # The file first: a bad one is refused before anything reaches MLflow, server or not.
     with stage(f"Reading and checking {settings.data}"):
         data = load_training_data(settings.data)
@@ -453,13 +487,20 @@ def _train(settings: TrainingSettings, parameters: TrainingParameters) -> Traini
     print(f"  {fingerprint.rows} rows, {fingerprint.columns} columns, sha256 {fingerprint.sha256}")
     check_tracking_server(settings.mlflow_wait_s)
     client = MlflowClient()
-    if not settings.retrain and (skipped := _already_registered(client, data, parameters)):
+    if (
+        candidate is None
+        and not settings.retrain
+        and (skipped := _already_registered(client, data, parameters))
+    ):
         return skipped
 
     split = _split(data, parameters)
     pipeline = build_pipeline(parameters.classifier, parameters.seed)
     mlflow.set_experiment(experiment_id=registry.model_training_experiment(client, settings.experiment))
-    with mlflow.start_run(run_name=f"train-{fingerprint.sha256[:8]}") as run:
+    run_name, run_tags = (
+        (candidate.run_name, candidate.tags) if candidate else (f"train-{fingerprint.sha256[:8]}", None)
+    )
+    with mlflow.start_run(run_name=run_name, tags=run_tags) as run:
         _log_dataset(data)
         _log_parameters(parameters, split)
         pipeline, threshold = _fit_and_choose_threshold(pipeline, split, parameters, settings.train_jobs)
@@ -474,6 +515,12 @@ def _train(settings: TrainingSettings, parameters: TrainingParameters) -> Traini
     version = _register(client, model_info, run_id, data, parameters, split, evaluated.metrics)
     # A copy for people and `status`; checks trust the run's tag (see record_integrity).
     registry.tag_version(client, version.version, {MANIFEST_DIGEST_TAG: digest})
+    if candidate is not None:  # gated by the caller
+        held_out = gate.HeldOut(
+            split.x_test, split.y_test, split.rule.evaluation_digests, evaluated.probability
+        )
+        url = _run_url(run, settings.mlflow_ui_url)
+        return Candidate(run_id, url, version, held_out, evaluated.metrics, fingerprint.sha256)
     decision = _gate(client, version, run_id, split, evaluated, parameters, settings.actor)
     stage_name = PRODUCTION_STAGE if decision.promote else version.current_stage
     return TrainingResult(
