@@ -30,7 +30,7 @@ import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from model.identity import TEST_ROC_AUC_TAG, version_uri
+from model.identity import TEST_ROC_AUC_TAG
 from monitoring.profile import ReferenceProfile
 from monitoring.status import ALERT, INSUFFICIENT, OK, Thresholds
 from monitoring.window import WindowResult, monitor_window
@@ -87,14 +87,13 @@ def training_roc_auc(version: ModelVersion) -> float | None:
 
 def production_profile(client: MlflowClient, version: ModelVersion) -> ReferenceProfile:
     """The version's reference profile: logged at training, else reconstructed from its run."""
-    from model import scoring
+    from monitoring.job import version_scorer
     from monitoring.store import load_profile, reconstruct_from_run
 
     profile = load_profile(client, version.run_id)
     if profile is not None:
         return profile
-    loaded = scoring.load(version_uri(version.version))
-    return reconstruct_from_run(client, version.run_id, lambda frame: loaded.score_frame(frame)[1])
+    return reconstruct_from_run(client, version.run_id, version_scorer(version))
 
 
 def production_windows(

@@ -40,8 +40,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.reader import read_records
-from model.identity import PRODUCTION_STAGE, REGISTERED_MODEL_NAME, TEST_ROC_AUC_TAG, version_uri
+from model import verified
+from model.identity import PRODUCTION_STAGE, REGISTERED_MODEL_NAME, TEST_ROC_AUC_TAG
 from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
+from model.verified import VersionRefused
 from monitoring.outcomes import read_outcomes
 from monitoring.profile import ProfileError, ReferenceProfile
 from monitoring.report import log_monitoring_run
@@ -141,11 +143,14 @@ def training_roc_auc(version: ModelVersion) -> float | None:
         return None
 
 
-def _score_with(version: ModelVersion) -> Callable[[pd.DataFrame], np.ndarray]:
-    def score(frame: pd.DataFrame) -> np.ndarray:
-        from model import scoring  # MLflow's pyfunc loader: only a reconstruction pays for it
+def version_scorer(version: ModelVersion) -> Callable[[pd.DataFrame], np.ndarray]:
+    """The version's scores, loaded as serving loads it: through ``model.verified`` (its files
+    checked against its integrity record before anything is unpickled), never a plain
+    ``models:/`` load of whatever the registry points at."""
 
-        return scoring.load(version_uri(version.version)).score_frame(frame)[1]
+    def score(frame: pd.DataFrame) -> np.ndarray:
+        with verified.verified_version(version.name, str(version.version)) as checked:
+            return checked.model.score_frame(frame)[1]
 
     return score
 
@@ -164,8 +169,8 @@ class Profiles:
         try:
             profile = load_profile(client, version.run_id)
             if profile is None:
-                profile = reconstruct_from_run(client, version.run_id, _score_with(version))
-        except (ProfileError, ValueError) as error:
+                profile = reconstruct_from_run(client, version.run_id, version_scorer(version))
+        except (ProfileError, ValueError, VersionRefused) as error:
             raise MonitorError(f"version {version.version}: no usable reference profile: {error}") from error
         with self._lock:
             self._profiles[version.version] = profile

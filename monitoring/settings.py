@@ -10,6 +10,8 @@
 | ``CREDIT_RISK_MONITOR_HOST`` / ``_PORT`` | 127.0.0.1 / 8084 | the service's ``/health`` and ``/metrics`` |
 | ``CREDIT_RISK_MONITOR_LIVENESS_AFTER`` | ``1h`` | ``/health/live`` is 503 when the loop has not turned for this long |
 | ``CREDIT_RISK_MONITOR_AUC_MARGIN`` | 0.05 | exported as ``credit_risk_monitor_auc_margin``: the alert fires when the outcome AUC is this far below the training AUC |
+| ``CREDIT_RISK_MONITOR_HEAL`` | false | the service runs ``credit-risk heal --once`` after each window (``--heal``) |
+| ``CREDIT_RISK_HEAL_CREDENTIALS_FILE`` | unset | the credentials file those attempts run with under auth (the trainer's) |
 | ``CREDIT_RISK_MONITOR_PSI_WARN``, ``_PSI_ALERT``, ``_MIN_ROWS``, ``_MIN_LABELLED_ROWS``, ``_MIN_CLASS_ROWS`` | 0.1, 0.25, 500, 500, 50 | the statuses (``monitoring.status.Thresholds``) |
 
 Durations are a whole number with a unit, ``s``, ``m``, ``h`` or ``d`` (``90s``, ``15m``,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field, PlainSerializer
@@ -134,6 +137,18 @@ class MonitorSettings(BaseSettings):
         validation_alias="CREDIT_RISK_MONITOR_LIVENESS_AFTER",
         description="/health/live is 503 when the loop has not turned for this long (a window, "
         "and what runs after it, may take minutes)",
+    )
+    heal: bool = Field(
+        False,
+        validation_alias="CREDIT_RISK_MONITOR_HEAL",
+        description="the service runs the healing policy (credit-risk heal --once) after each window "
+        "(--heal)",
+    )
+    heal_credentials_file: Path | None = Field(
+        None,
+        validation_alias="CREDIT_RISK_HEAL_CREDENTIALS_FILE",
+        description="the credentials the healing attempts run with (the trainer's .env file), under "
+        "auth; the monitor's own never reach them",
     )
     auc_margin: float = Field(
         0.05,

@@ -63,6 +63,12 @@ def add_parsers(subparsers) -> None:
         help="run as a service, a window every DURATION (15m, 1h, ...; without a value "
         "CREDIT_RISK_MONITOR_EVERY, default 15m)",
     )
+    monitor.add_argument(
+        "--heal",
+        action="store_true",
+        help="with --every: run the healing policy (credit-risk heal --once) after each window, "
+        "with the credentials in CREDIT_RISK_HEAL_CREDENTIALS_FILE under auth",
+    )
     monitor.set_defaults(handler=run_monitor)
 
     outcomes = subparsers.add_parser(
@@ -128,7 +134,9 @@ def run_monitor(args) -> int:
                 "apply to one window only"
             )
         every = {} if args.every == _FROM_SETTINGS else {"every": args.every}
-        return _serve(MonitorSettings(**every))
+        return _serve(MonitorSettings(**every, **({"heal": True} if args.heal else {})))
+    if args.heal:
+        raise UsageError("--heal runs the healing policy after each window of the service: pass --every too")
     settings = MonitorSettings()
     return _one_window(args, settings, version)
 
@@ -167,9 +175,11 @@ def _one_window(args, settings, version: str | None) -> int:
 
 def after_window_callables(settings) -> list:
     """What the service runs after each window, in order, with the ``MonitoredWindow``
-    (``monitoring.service.AfterWindow``). Empty today; the healing policy (issue 20) plugs in
-    here, e.g. ``[healing.policy.after_window(HealSettings())]`` when its settings enable it."""
-    return []
+    (``monitoring.service.AfterWindow``): the healing policy when ``--heal`` (or
+    ``CREDIT_RISK_MONITOR_HEAL``) asks for it (``stack.heal_hook``)."""
+    from stack.heal_hook import HealAfterWindow
+
+    return [HealAfterWindow(settings.heal_credentials_file)] if settings.heal else []
 
 
 def _serve(settings) -> int:

@@ -52,7 +52,7 @@ from model.schema import FEATURES, TARGET
 from monitoring.outcomes import add_outcomes
 from serving.settings import MODEL_NAME
 from stack import processes, services
-from tests.helpers import BIN, Background, credit_risk, free_port, serving_service
+from tests.helpers import BIN, Background, credit_risk, free_port, serving_service, wait_for_log_line
 from tests.integration.test_serving import v2_body
 from training import registry
 from training.data import load_training_data
@@ -327,6 +327,48 @@ def test_without_a_trigger_nothing_is_trained(stack, tmp_path):
     assert "no trigger: drift: PSI alert on 0 feature(s) over 600 rows" in reasons
     assert "no trigger: outcomes:" in reasons and "nothing trained: no trigger fired" in reasons
     assert result["reasons"] == reasons.split("\n")
+
+
+def test_the_monitor_service_runs_the_policy_after_each_window(stack, tmp_path):
+    """``credit-risk monitor --every --heal``: after its first window the service runs one
+    attempt (``credit-risk heal --once`` in a child, without the monitor's credentials), which
+    is a run of its own; nothing triggers on calm traffic, so nothing is trained."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started_ms = int(time.time() * 1000)
+    service = processes.Service(
+        "monitor-heal",
+        [str(BIN / "credit-risk"), "monitor", "--every", "1h", "--heal"],
+        f"{url}/health/live",
+        {
+            "MLFLOW_TRACKING_URI": stack.tracking_uri,
+            "CREDIT_RISK_MONITOR_PORT": str(port),
+            "CREDIT_RISK_HEAL_POLICY": str(write_policy(tmp_path / "policy.toml")),
+            "CREDIT_RISK_DATA": str(stack.original_path),
+            "CREDIT_RISK_HEAL_LOCK_DIR": str(stack.root),
+        },
+    )
+    process = processes.start(service, tmp_path)
+    try:
+        processes.wait_healthy(service, process, tmp_path, timeout=120)
+        # The hook's line once the child has exited 0 (stack.heal_hook), with its result.
+        line = wait_for_log_line(service.log_path(tmp_path), "healing attempt ", timeout=600)
+        assert ": not-triggered, triggered False, challenger None, promoted False" in line, line
+
+        def attempts():
+            runs = stack.client.search_runs(
+                [stack.client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id],
+                filter_string=f"tags.`heal.attempt` = 'true' and attributes.start_time >= {started_ms}",
+            )
+            return [run for run in runs if run.info.status == "FINISHED"]
+
+        (attempt,) = attempts()
+        assert attempt.info.run_id in line and attempt.data.tags["heal.state"] == "not-triggered"
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        assert health["last_window"] is not None and health["after_window_error"] is None
+        assert set(stack.versions()) == {"1"} and stack.production() == "1"
+    finally:
+        processes.terminate(process.pid)
 
 
 def _ledger(sent: list[Sent]) -> pd.DataFrame:

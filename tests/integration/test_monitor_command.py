@@ -296,7 +296,21 @@ def test_a_version_without_a_profile_is_monitored_with_a_reconstructed_one_and_s
     server, client, version
 ):
     number = old_version(client, version)
-    result = credit_risk("monitor", "--model-version", number, tracking_uri=server.uri)
+    # Trained before profiles, it is also without an integrity record: monitoring loads it to
+    # score its sample only as serving would, so it is refused until listed (model.verified).
+    refused = credit_risk("monitor", "--model-version", number, tracking_uri=server.uri)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: version {number}: no usable reference profile: ") and (
+        f"list version {number} in CREDIT_RISK_ALLOW_UNVERIFIED_VERSIONS" in last
+    ), last
+    result = credit_risk(
+        "monitor",
+        "--model-version",
+        number,
+        tracking_uri=server.uri,
+        CREDIT_RISK_ALLOW_UNVERIFIED_VERSIONS=number,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"reference profile: {SOURCE_RECONSTRUCTED} (the version's training run has none)" in result.stdout
     assert f"model version {number}, window " in result.stdout
