@@ -754,8 +754,16 @@ def test_the_documented_operator_pod_is_valid_and_restricted(version):
     assert container["image"] == _container("trainer", "trainer")["image"]
     assert container["args"][0] == "credit-risk"
     assert {e["name"]: e["value"] for e in container["env"]} == {
-        "MLFLOW_TRACKING_URI": COMPOSE["x-mlflow-client"]["MLFLOW_TRACKING_URI"]
+        "MLFLOW_TRACKING_URI": COMPOSE["x-mlflow-client"]["MLFLOW_TRACKING_URI"],
+        "CREDIT_RISK_CREDENTIALS_FILE": "/run/credit-risk/auth/operator.env",
     }
+    # It acts as operator: that identity's Secret alone, group-readable, where the file is named.
+    [volume] = spec["volumes"]
+    assert volume["secret"] == {"secretName": "mlflow-operator", "defaultMode": 0o440}
+    assert spec["securityContext"]["fsGroup"] == 10001
+    assert container["volumeMounts"] == [
+        {"name": volume["name"], "mountPath": "/run/credit-risk/auth", "readOnly": True}
+    ]
 
 
 def _pods() -> dict[str, Endpoint]:
