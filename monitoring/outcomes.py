@@ -55,11 +55,11 @@ import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
+from monitoring.settings import OUTCOMES_EXPERIMENT
 from monitoring.store import experiment_id
 
 logger = logging.getLogger(__name__)
 
-OUTCOMES_EXPERIMENT = "credit-risk-outcomes"
 BATCH_DIR = "outcomes"
 BATCH_TAG = "outcomes.batch"
 STATE_TAG = "outcomes.state"
@@ -481,15 +481,23 @@ def _state(run) -> str | None:
     return run.data.tags.get(STATE_TAG)
 
 
+def store_outcomes(
+    file: OutcomeFile, *, client: MlflowClient | None = None, experiment: str = OUTCOMES_EXPERIMENT
+) -> IngestResult:
+    """Store the new outcomes of a parsed file, or raise ``ConflictingOutcomes`` having
+    written nothing."""
+    ingest = Ingest(client or MlflowClient(), file, experiment)
+    ingest.plan()
+    ingest.announce()
+    return ingest.commit()
+
+
 def add_outcomes(
     path: Path, *, client: MlflowClient | None = None, experiment: str = OUTCOMES_EXPERIMENT
 ) -> IngestResult:
     """Parse ``path`` strictly and store its new outcomes, or raise ``OutcomeFileError`` /
     ``ConflictingOutcomes`` having written nothing."""
-    ingest = Ingest(client or MlflowClient(), parse_outcomes(path), experiment)
-    ingest.plan()
-    ingest.announce()
-    return ingest.commit()
+    return store_outcomes(parse_outcomes(path), client=client, experiment=experiment)
 
 
 def read_outcomes(

@@ -57,6 +57,9 @@ from model.schema import FEATURES, OUTPUT_PROBABILITY
 
 FORMAT = "credit-risk-reference-profile"
 FORMAT_VERSION = 1
+# Where a version's profile lives among its training run's artifacts (training writes it
+# there, ``monitoring.store`` reads it back).
+ARTIFACT_DIR = "monitoring"
 PROFILE_FILE = "reference.json"
 VALUES_FILE = "reference_values.parquet"
 SCORE = OUTPUT_PROBABILITY  # the score's column name in the values table

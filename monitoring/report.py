@@ -37,11 +37,10 @@ from mlflow.tracking import MlflowClient
 from model.identity import REGISTERED_MODEL_NAME
 from monitoring.drift import ColumnDrift
 from monitoring.profile import bin_labels
+from monitoring.settings import MONITORING_EXPERIMENT
 from monitoring.status import LEVEL
 from monitoring.store import experiment_id
 from monitoring.window import WindowResult
-
-MONITORING_EXPERIMENT = "credit-risk-monitoring"
 
 
 def _bars(axes, title: str, item: ColumnDrift, missing: bool = True) -> None:

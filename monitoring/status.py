@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.identity import ENV_PREFIX
@@ -75,13 +75,16 @@ class Thresholds(BaseSettings):
         description="... and so do fewer than this many defaults, or non-defaults",
     )
 
-    @field_validator("psi_alert")
-    @classmethod
-    def _alert_above_warn(cls, value: float, info: ValidationInfo) -> float:
-        warn = info.data.get("psi_warn")
-        if warn is not None and value <= warn:
-            raise ValueError(f"must be above the warn threshold ({warn})")
-        return value
+    @model_validator(mode="after")
+    def _alert_above_warn(self) -> Thresholds:
+        # A check of two values: its error has no location, so it names both variables itself
+        # (either may be the one left at its default).
+        if self.psi_alert <= self.psi_warn:
+            raise ValueError(
+                f"CREDIT_RISK_MONITOR_PSI_ALERT ({self.psi_alert:g}) must be above "
+                f"CREDIT_RISK_MONITOR_PSI_WARN ({self.psi_warn:g})"
+            )
+        return self
 
 
 def psi_status(psi: float, rows: int, thresholds: Thresholds) -> str:

@@ -26,11 +26,11 @@ from mlflow.tracking import MlflowClient
 
 from model.identity import HELD_OUT_ARTIFACT, REFERENCE_SAMPLE_ARTIFACT, THRESHOLD_METRIC
 from model.schema import FEATURES
-from monitoring.profile import PROFILE_FILE, ReferenceProfile, reconstruct_profile
+from monitoring.profile import ARTIFACT_DIR, PROFILE_FILE, ReferenceProfile, reconstruct_profile
 
 logger = logging.getLogger(__name__)
 
-PROFILE_DIR = "monitoring"
+PROFILE_DIR = ARTIFACT_DIR
 
 
 class DeletedExperiment(RuntimeError):

@@ -2,7 +2,8 @@
 
 ``train``, ``serve``, ``sidecar`` and ``tracking-server`` run one part in the foreground; ``promote``,
 ``rollback`` and ``status`` move and show Production; ``records`` reads inference records
-back; ``up`` and ``down`` start and stop the whole local stack in the background.
+back; ``monitor`` and ``outcomes`` watch drift and outcomes (``stack.monitor_cli``); ``up``
+and ``down`` start and stop the whole local stack in the background.
 
 Every command that talks to MLflow finds its tracking server through ``stack.local`` (the
 variable, else the local stack ``up`` recorded) and says which on stderr. Before any command
@@ -36,6 +37,7 @@ from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME, SERVING_DIR
 from stack import auth_cli, auth_files, local, processes, services, tracking_server
 from stack import auth_policy as policy
 from stack.errors import FAILED, USAGE, UsageError, settings_errors
+from stack.monitor_cli import add_parsers as add_monitor_parsers
 from stack.promotion import add_parsers as add_promotion_parsers
 from training.cli import add_parser as add_train_parser
 
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_promotion_parsers(subparsers)
     add_serve_parser(subparsers)
     add_sidecar_parser(subparsers)
+    add_monitor_parsers(subparsers)
     tracking_server.add_parser(subparsers)
     _add_stack_parsers(subparsers)
     auth_cli.add_parser(subparsers)

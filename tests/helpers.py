@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from logging_sidecar.settings import DEFAULT_PORT as SIDECAR_PORT
+from monitoring.settings import DEFAULT_PORT as MONITOR_PORT
 from serving.settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, MODEL_NAME
 from stack import processes, services
 
@@ -28,7 +29,14 @@ SAMPLE = REPO / "data" / "cs-training-sample.csv"
 REAL_DATA = REPO.parent / "shared" / "data" / "cs-training-dev.csv"
 # The stack's default ports: tests never take them, so they can run beside a live stack.
 DEFAULT_PORTS = frozenset(
-    {services.MLFLOW_PORT, DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT, SIDECAR_PORT}
+    {
+        services.MLFLOW_PORT,
+        DEFAULT_HTTP_PORT,
+        DEFAULT_GRPC_PORT,
+        DEFAULT_METRICS_PORT,
+        SIDECAR_PORT,
+        MONITOR_PORT,
+    }
 )
 
 

@@ -18,6 +18,7 @@ from monitoring.drift import SHARE_FLOOR, column_drift, ks_statistic, psi
 from monitoring.profile import Distribution, build_profile
 from monitoring.status import ALERT, INSUFFICIENT, OK, WARN, Thresholds, worst
 from monitoring.window import monitor_window
+from stack.errors import settings_errors
 from training.data import load_training_data
 from training.pipeline import build_pipeline, classifier_params
 from training.split import ContentSplit
@@ -107,8 +108,17 @@ def test_thresholds_are_configurable_and_checked(monkeypatch):
     monkeypatch.setenv("CREDIT_RISK_MONITOR_PSI_ALERT", "0.05")
     with pytest.raises(ValidationError) as raised:
         Thresholds()
-    error = raised.value.errors()[0]
-    assert error["loc"] == ("CREDIT_RISK_MONITOR_PSI_ALERT",) and "above the warn threshold" in error["msg"]
+    assert settings_errors(raised.value) == [
+        "CREDIT_RISK_MONITOR_PSI_ALERT (0.05) must be above CREDIT_RISK_MONITOR_PSI_WARN (0.1)"
+    ]
+    monkeypatch.delenv("CREDIT_RISK_MONITOR_PSI_ALERT")
+    monkeypatch.setenv("CREDIT_RISK_MONITOR_PSI_WARN", "0.5")  # the alert threshold left at its default
+    with pytest.raises(ValidationError) as raised:
+        Thresholds()
+    assert settings_errors(raised.value) == [
+        "CREDIT_RISK_MONITOR_PSI_ALERT (0.25) must be above CREDIT_RISK_MONITOR_PSI_WARN (0.5)"
+    ]
+    monkeypatch.delenv("CREDIT_RISK_MONITOR_PSI_WARN")
     monkeypatch.setenv("CREDIT_RISK_MONITOR_PSI_ALERT", "0.4")
     monkeypatch.setenv("CREDIT_RISK_MONITOR_MIN_ROWS", "50")
     assert (Thresholds().psi_alert, Thresholds().min_rows) == (0.4, 50)

@@ -47,6 +47,7 @@ from model.pyfunc import (
     model_signature,
 )
 from model.schema import TARGET
+from monitoring import profile as monitoring_profile
 from training import evaluation, gate, registry
 from training.data import TrainingData, load_training_data
 from training.gate import GateDecision
@@ -310,6 +311,25 @@ def _fit_and_choose_threshold(pipeline, split: Split, parameters: TrainingParame
     return fitted, threshold
 
 
+def _log_reference_profile(pipeline, split: Split, threshold: float, data: TrainingData) -> None:
+    """The version's reference profile for monitoring (issue 19): the full training split's
+    feature distributions and the fitted pipeline's probabilities on it (in-sample: what the
+    model was fitted to reproduce, the population its scores will drift from), logged under
+    ``monitoring/`` in ``monitoring.profile``'s two files. Monitoring reads it back and needs
+    no training data at run time."""
+    with stage(f"Profiling the {len(split.y_train)} training rows for monitoring"):
+        probability = pipeline.predict_proba(split.x_train)[:, 1]
+        profile = monitoring_profile.build_profile(
+            split.x_train,
+            probability,
+            threshold,
+            provenance={DATASET_HASH: data.fingerprint.sha256, "split": split.rule.tags()},
+        )
+        with tempfile.TemporaryDirectory() as directory:
+            for path in profile.save(Path(directory)):
+                mlflow.log_artifact(str(path), monitoring_profile.ARTIFACT_DIR)
+
+
 class Evaluated(NamedTuple):
     metrics: dict[str, float]
     probability: np.ndarray  # the fitted pipeline's predict_proba on the held-out rows
@@ -417,6 +437,7 @@ def _train(settings: TrainingSettings, parameters: TrainingParameters) -> Traini
         _log_dataset(data)
         _log_parameters(parameters, split)
         pipeline, threshold = _fit_and_choose_threshold(pipeline, split, parameters, settings.train_jobs)
+        _log_reference_profile(pipeline, split, threshold, data)
         evaluated = _evaluate(pipeline, split, threshold, parameters, settings.train_jobs)
         with stage("Logging the model"):
             model_info = _log_model(pipeline, threshold, data, split.x_train.head(5))

@@ -1,7 +1,8 @@
 """Profiles and monitoring runs in a real MLflow: a profile stored with a run reads back
-equal; a version trained by ``credit-risk train`` today (no profile) gets one reconstructed
-from what its run logged; a monitoring run carries the window's metrics, tags, JSON and
-figures."""
+equal; a profile can be reconstructed from what any training run logs (as for versions trained
+before training logged profiles); a monitoring run carries the window's metrics, tags, JSON
+and figures. That training logs the profile, and the command that reads it back, are
+``test_monitor_command.py``'s."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def version(server, client, sample_path):
-    """A version trained the way every version so far was: without a profile."""
+    """A version trained by ``credit-risk train``."""
     result = credit_risk("train", "--data", str(sample_path), "--set", "max_iter=50", tracking_uri=server)
     assert result.returncode == 0, result.stdout + result.stderr
     found = client.search_model_versions(f"name = '{REGISTERED_MODEL_NAME}'")
@@ -65,7 +66,6 @@ def artifact(client, run_id: str, path: str) -> pd.DataFrame:
 
 
 def test_a_profile_stored_with_a_run_reads_back_equal(client, version, sample_path):
-    assert load_profile(client, version.run_id) is None  # trained before profiles existed
     run = client.create_run(client.get_run(version.run_id).info.experiment_id)
     features = pd.read_csv(sample_path, index_col=0).drop(columns=TARGET)
     probability = np.random.default_rng(0).uniform(size=len(features))
@@ -76,7 +76,7 @@ def test_a_profile_stored_with_a_run_reads_back_equal(client, version, sample_pa
     np.testing.assert_array_equal(back.score.values, np.unique(probability))
 
 
-def test_a_version_without_a_profile_gets_one_from_its_logged_rows(client, version, served):
+def test_a_profile_is_reconstructed_from_the_rows_a_training_run_logs(client, version, served):
     profile = reconstruct_from_run(client, version.run_id, lambda frame: served.score_frame(frame)[1])
     assert profile.source == SOURCE_RECONSTRUCTED
     held_out = artifact(client, version.run_id, HELD_OUT_ARTIFACT)

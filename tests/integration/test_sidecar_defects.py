@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from logging_sidecar.dead_letters import DEAD_LETTER_FILE
 from logging_sidecar.reader import UnreadableBatch, read_records
 from logging_sidecar.records import KEY
-from logging_sidecar.dead_letters import DEAD_LETTER_FILE
 from model.schema import FEATURES
 from serving.capture import SpoolWriter
 from serving.spool_format import FORMAT_VERSION, SpoolSettings, encode
