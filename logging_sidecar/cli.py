@@ -209,13 +209,42 @@ def prune_records(args) -> int:
             args.older_than, now=now
         )
     except (MlflowException, PruneIncomplete, OSError) as error:
-        print(f"error: prune stopped, run it again to finish: {error}", file=sys.stderr)
+        print(
+            f"error: {_refused_prune(error) or f'prune stopped, run it again to finish: {error}'}",
+            file=sys.stderr,
+        )
         return 1
     summary = f"pruned experiment '{settings.experiment}': {result}"
     if args.spool_dir:
         summary += f"; {letters} dead letters removed from {args.spool_dir}"
     print(summary)
     return 0
+
+
+_AS_SIDECAR = "the sidecar's credentials (CREDIT_RISK_CREDENTIALS_FILE=.credit-risk/auth/sidecar.env)"
+
+
+def _refused_prune(error: Exception) -> str | None:
+    """A 401 or 403 of the tracking server, said as what it means for a prune; else None."""
+    import os
+
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+    else:  # the artifact proxy's errors are requests.HTTPError
+        status = getattr(getattr(error, "response", None), "status_code", None)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        who = f"the credentials of {user!r}" if user else "a request without credentials"
+        return f"the tracking server refused {who} (401): run the prune with {_AS_SIDECAR}"
+    if status == 403:
+        return (
+            f"the tracking server refused the prune to {user!r} (403): deleting records needs the right "
+            f"to delete runs of the inference experiment, which only the sidecar holds; run it again with "
+            f"{_AS_SIDECAR} to finish"
+        )
+    return None
 
 
 def show_records(args) -> int:

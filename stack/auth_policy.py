@@ -14,7 +14,16 @@ what the choices below rest on:
 - ``READ`` reads; ``USE`` adds nothing over READ on experiments and registered models (it only
   matters for AI-gateway resources), so it is not used; ``EDIT`` writes (runs, metrics, tags,
   artifacts, versions, stage, alias) but deletes nothing; ``MANAGE`` deletes, restores and
-  grants. Only ``admin`` holds MANAGE (it is an MLflow admin, which skips every check).
+  grants. Only ``admin`` holds MANAGE on an experiment or model (it is an MLflow admin, which
+  skips every check).
+- Deleting a run, or its files through the artifact proxy, is judged by the ``run`` tier:
+  ``delete``/``manage`` there, plus READ on the run's experiment. A grant on that tier is
+  wildcard-only (every run) and then decides for every experiment its holder can read; without
+  one, the experiment's grant decides. So ``(run, *, MANAGE)`` for an identity that reads only
+  the inference experiment lets it delete record runs and their files (retention), and nothing
+  else: not the experiment (its delete needs MANAGE on the experiment), not runs elsewhere (it
+  reads no other experiment), no grants. That is the ``sidecar``: retention is its job
+  (``logging_sidecar.retention``, ``credit-risk records prune``).
 - Runs, logged models and their artifacts (``/api/2.0/mlflow-artifacts/...``) are judged by
   their experiment: READ to read, EDIT to write. Loading ``models:/credit-risk-model/N``
   needs READ on the model *and* on the training experiment, where the logged model's files
@@ -52,7 +61,7 @@ IDENTITIES: tuple[str, ...] = (ADMIN, TRAINER, OPERATOR, SERVING, SIDECAR, MONIT
 SERVICE_IDENTITIES: tuple[str, ...] = IDENTITIES[1:]
 
 # MLflow's resource types and permission names, as its REST API spells them.
-EXPERIMENT, REGISTERED_MODEL, PROMPT = "experiment", "registered_model", "prompt"
+EXPERIMENT, REGISTERED_MODEL, PROMPT, RUN = "experiment", "registered_model", "prompt", "run"
 READ, EDIT, MANAGE, DENY = "READ", "EDIT", "MANAGE", "DENY"
 EVERY = "*"
 
@@ -179,7 +188,15 @@ POLICY: tuple[Grant, ...] = (
         EDIT,
         "ship records: create runs, log record batches and metrics; also (any EDIT) rename the experiment, "
         "change any record run",
-        "delete or restore runs or the experiment",
+        "delete or restore the experiment (deleting its runs: the next line)",
+    ),
+    Grant(
+        SIDECAR,
+        RUN,
+        EVERY,
+        MANAGE,
+        "retention: delete record runs and their files, in the experiments it reads (the inference one only)",
+        "runs of any other experiment (it reads none), the experiment itself, grants",
     ),
     Grant(
         SIDECAR,
@@ -239,7 +256,7 @@ def markdown_table(names: Names = Names()) -> str:
         "every check is skipped for it | nothing |",
     ]
     for grant in POLICY:
-        kind = {EXPERIMENT: "experiment", REGISTERED_MODEL: "registered model", PROMPT: "prompt"}
+        kind = {EXPERIMENT: "experiment", REGISTERED_MODEL: "registered model", PROMPT: "prompt", RUN: "run"}
         name = "every" if grant.resource == EVERY else f"`{names.of(grant.resource)}`"
         lines.append(
             f"| `{grant.identity}` | {kind[grant.resource_type]} {name} | {grant.permission} | "

@@ -318,9 +318,18 @@ def _refused(error) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # bad flags: argparse's message, exit 2
-    if (refused := load_credentials(args.command)) is not None:
+    if (refused := load_credentials(command_name(args))) is not None:
         return refused
     return run_command(args)
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """The command as ``stack.local.COMMAND_IDENTITIES`` names it: ``records prune`` for a
+    subcommand (its parser's ``dest`` is ``<command>_action`` or ``<command>_command``), else
+    the command."""
+    stem = args.command.replace("-", "_")
+    action = getattr(args, f"{stem}_action", None) or getattr(args, f"{stem}_command", None)
+    return f"{args.command} {action}" if action else args.command
 
 
 def load_credentials(command: str) -> int | None:

@@ -44,8 +44,11 @@ from stack.processes import is_healthy
 STACK_FILE = "stack.json"
 AUTH_DIR = "auth"  # the local stack's credentials folder, in its state folder
 # The identity a command acts as on the local stack with auth on, when no credentials are set:
-# the least that does its job (stack.auth_policy). The records are personal data: ``records``
-# reads them as ``monitor``, which may read them and change nothing but monitoring runs.
+# the least that does its job (stack.auth_policy). A subcommand is named with its command
+# (``records prune``); one without a line of its own acts as its command does
+# (``identity_of``). The records are personal data: ``records`` reads them as ``monitor``,
+# which may read them and change nothing but monitoring runs; ``records prune`` deletes them as
+# ``sidecar``, the one identity that may delete record runs (retention is its job).
 # ``outcomes``, ``monitor`` and ``heal`` are the commands of issues 19 and 20.
 COMMAND_IDENTITIES: dict[str, str] = {
     "train": policy.TRAINER,
@@ -55,6 +58,7 @@ COMMAND_IDENTITIES: dict[str, str] = {
     "status": policy.OPERATOR,
     "outcomes": policy.OPERATOR,
     "records": policy.MONITOR,
+    "records prune": policy.SIDECAR,
     "monitor": policy.MONITOR,
     "serve": policy.SERVING,
     "sidecar": policy.SIDECAR,
@@ -158,16 +162,27 @@ def _credentials_set(environ) -> bool:
     )
 
 
+def identity_of(command: str) -> str | None:
+    """The identity ``command`` (``"status"``, ``"records prune"``) acts as: its own line of
+    ``COMMAND_IDENTITIES``, else its parent command's; None for a command that needs none."""
+    while command:
+        if command in COMMAND_IDENTITIES:
+            return COMMAND_IDENTITIES[command]
+        command = command.rpartition(" ")[0]
+    return None
+
+
 def select_credentials(
     command: str, settings: StackSettings | None = None, environ=os.environ
 ) -> Path | None:
-    """For ``command`` run on the local stack with auth on and no credentials set, point
-    ``CREDIT_RISK_CREDENTIALS_FILE`` at its identity's file (``COMMAND_IDENTITIES``) and return
-    that path; otherwise change nothing and return None. Reads ``stack.json`` only: whether the
-    server answers is found out, and said, when the command looks for it.
+    """For ``command`` (with its subcommand: ``"records prune"``) run on the local stack with
+    auth on and no credentials set, point ``CREDIT_RISK_CREDENTIALS_FILE`` at its identity's file
+    (``identity_of``) and return that path; otherwise change nothing and return None. Reads
+    ``stack.json`` only: whether the server answers is found out, and said, when the command
+    looks for it.
 
     ``CredentialsError`` when the stack has auth on but the identity's file is missing."""
-    identity = COMMAND_IDENTITIES.get(command)
+    identity = identity_of(command)
     if identity is None or _credentials_set(environ):
         return None
     settings = settings or StackSettings()

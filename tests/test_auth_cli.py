@@ -45,7 +45,16 @@ def test_provision_against_nothing_is_one_error_line(tmp_path, capsys):
 def test_policy_invariants():
     """What the table promises in prose, kept true by construction."""
     assert {g.identity for g in policy.POLICY} == set(policy.SERVICE_IDENTITIES)
-    assert not [g for g in policy.POLICY if g.permission == policy.MANAGE], "only admin may delete or grant"
+    # Only admin manages experiments and models. MANAGE on the run tier (deleting runs and their
+    # files) reaches every experiment its holder reads: the sidecar's, which reads only the records.
+    managers = {
+        (g.identity, g.resource_type, g.resource) for g in policy.POLICY if g.permission == policy.MANAGE
+    }
+    assert managers == {(policy.SIDECAR, policy.RUN, policy.EVERY)}
+    sidecar_reads = {
+        g.resource for g in policy.grants_of(policy.SIDECAR) if g.resource_type == policy.EXPERIMENT
+    }
+    assert sidecar_reads == {policy.INFERENCE}
     assert {(g.identity, g.resource) for g in policy.POLICY if g.permission == policy.DENY} == {
         (policy.SIDECAR, policy.EVERY)
     }

@@ -70,6 +70,7 @@ def _auth_stack(home, auth=True, identities=policy.IDENTITIES):
         ("rollback", "operator"),
         ("status", "operator"),
         ("records", "monitor"),
+        ("records prune", "sidecar"),
         ("serve", "serving"),
         ("sidecar", "sidecar"),
     ],
@@ -86,6 +87,38 @@ def test_the_picked_identities_are_the_policys_and_never_admin():
     assert set(local.COMMAND_IDENTITIES.values()) <= set(policy.SERVICE_IDENTITIES)
     # The records are personal data: read as an identity the policy names as their reader.
     assert local.COMMAND_IDENTITIES["records"] in policy.readers_of(policy.INFERENCE)
+    # ... and deleted (retention) by the one identity that may delete runs, which reads them.
+    pruner = local.COMMAND_IDENTITIES["records prune"]
+    assert pruner in policy.readers_of(policy.INFERENCE)
+    assert {g.identity for g in policy.POLICY if g.resource_type == policy.RUN} == {pruner}
+
+
+def test_a_subcommand_acts_as_its_own_line_else_as_its_command():
+    assert local.identity_of("records prune") == "sidecar"
+    assert local.identity_of("records") == "monitor"
+    assert local.identity_of("outcomes add") == local.identity_of("outcomes") == "operator"
+    assert local.identity_of("auth provision") is None and local.identity_of("up") is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["records", "prune", "--older-than", "30"], "records prune"),
+        (["records", "--model-version", "2"], "records"),
+        (["auth", "table"], "auth table"),
+        (["status"], "status"),
+    ],
+)
+def test_the_command_name_carries_its_subcommand(argv, name):
+    assert cli.command_name(cli.build_parser().parse_args(argv)) == name
+
+
+def test_records_prune_loads_the_sidecars_credentials(clean_env):
+    """It then fails (no server answers); by then it holds the sidecar's credentials."""
+    _auth_stack(clean_env)
+    assert cli.main(["records", "prune", "--older-than", "30"]) == 1
+    sidecar = read_credentials(clean_env / "auth" / "sidecar.env")
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == sidecar
 
 
 @pytest.mark.parametrize("variable", CREDENTIAL_VARIABLES)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from logging_sidecar.faults import FAULT_POINTS, FaultPoints
 from logging_sidecar.settings import SidecarSettings
 from serving.spool_format import SpoolSettings
-from tests.helpers import BIN
+from tests.helpers import BIN, free_port
 
 _DOC_ROW = re.compile(r"^\| ``(CREDIT_RISK_\w+)``")
 
@@ -147,10 +147,10 @@ def test_fault_points_pause_only_where_asked(capfd):
 
 
 def _sidecar(*args: str, **environment: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CREDIT_RISK_")}
-    # A tracking server is named (never reached: the command stops at its settings), so that
-    # the bad variable, not a missing local stack, is what it reports.
-    clean["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CREDIT_RISK_", "MLFLOW_"))}
+    # A tracking server named (nobody answers there): the command looks for it before reading
+    # its settings, and without one it would stop at that (exit 1) in a folder with no stack.
+    clean["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
     return subprocess.run(
         [str(BIN / "credit-risk"), "sidecar", *args],
         env={**clean, **environment},

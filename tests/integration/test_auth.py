@@ -228,8 +228,9 @@ def test_a_wrong_password_is_401(auth_stack):
 @pytest.mark.parametrize("role", policy.EXPERIMENT_ROLES)
 @pytest.mark.parametrize("identity", policy.SERVICE_IDENTITIES)
 def test_experiment_access_is_the_tables(auth_stack, identity, role):
-    """READ reads, EDIT writes, nothing else does either; delete needs MANAGE, which no
-    service identity has."""
+    """READ reads, EDIT writes, nothing else does either; deleting the experiment needs MANAGE
+    on it, which no service identity has; deleting a run needs MANAGE on runs too, which only the
+    sidecar holds (retention), and it reads only the inference experiment."""
     client = auth_stack.as_(identity)
     experiment_id = auth_stack.experiments[role]
     permission = _permission(identity, policy.EXPERIMENT, role)
@@ -239,7 +240,11 @@ def test_experiment_access_is_the_tables(auth_stack, identity, role):
     assert created.status_code == (200 if permission == policy.EDIT else 403), created.text
     if created.status_code == 200:
         run_id = created.json()["run"]["info"]["run_id"]
-        assert client.post("/api/2.0/mlflow/runs/delete", run_id=run_id).status_code == 403
+        deletes_runs = _permission(identity, policy.RUN, policy.EVERY) == policy.MANAGE
+        assert client.post("/api/2.0/mlflow/runs/delete", run_id=run_id).status_code == (
+            200 if deletes_runs else 403
+        )
+        assert (identity, role) == (policy.SIDECAR, policy.INFERENCE) or not deletes_runs
     rename = client.post(
         "/api/2.0/mlflow/experiments/update",
         experiment_id=experiment_id,
@@ -386,7 +391,17 @@ def test_sidecar_ships_records_and_cannot_touch_the_registry(auth_stack):
         "write to training": sidecar.post(
             "/api/2.0/mlflow/runs/create", experiment_id=auth_stack.experiments[policy.TRAINING]
         ),
-        "delete its own run": sidecar.post("/api/2.0/mlflow/runs/delete", run_id=auth_stack.record_run),
+        "delete the training run": sidecar.post(
+            "/api/2.0/mlflow/runs/delete", run_id=auth_stack.training_run
+        ),
+        "delete a training file": sidecar.request(
+            "DELETE",
+            f"/api/2.0/mlflow-artifacts/artifacts/{auth_stack.experiments[policy.TRAINING]}/"
+            f"{auth_stack.training_run}/artifacts",
+        ),
+        "delete the inference experiment": sidecar.post(
+            "/api/2.0/mlflow/experiments/delete", experiment_id=auth_stack.experiments[policy.INFERENCE]
+        ),
     }
     statuses = {k: r.status_code for k, r in refused.items()}
     # Searching versions is filtered rather than refused: the answer is empty.
@@ -400,6 +415,17 @@ def test_sidecar_ships_records_and_cannot_touch_the_registry(auth_stack):
     )
     back = sidecar.get_artifact(auth_stack.artifact(policy.INFERENCE, run_id, "records/batch-2.csv"))
     assert (back.status_code, back.content) == (200, RECORD)
+    # Retention (logging_sidecar.retention): it deletes a record run's files, then the run.
+    deleted = sidecar.request(
+        "DELETE",
+        f"/api/2.0/mlflow-artifacts/artifacts/{auth_stack.artifact(policy.INFERENCE, run_id, 'records')}",
+    )
+    assert deleted.status_code == 200, deleted.text
+    assert (
+        sidecar.get_artifact(auth_stack.artifact(policy.INFERENCE, run_id, "records/batch-2.csv")).status_code
+        != 200
+    )
+    _ok(sidecar.post("/api/2.0/mlflow/runs/delete", run_id=run_id), "delete the record run")
 
 
 def test_sidecar_through_mlflows_own_client(auth_stack):

@@ -19,6 +19,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -308,6 +309,49 @@ def test_records_ship_and_read_back_as_monitor_and_not_as_serving(stack, tmp_pat
     assert refused.stderr.splitlines()[1].startswith(
         "error: the tracking server refused this to 'serving' (403)"
     )
+
+
+def test_records_prune_deletes_as_sidecar_and_is_refused_to_monitor(stack):
+    """Retention under auth: ``records prune`` run here acts as the sidecar, the one identity
+    that may delete record runs and their files; the monitor, which reads them, may not."""
+    sidecar, admin = stack.as_(policy.SIDECAR), stack.as_(policy.ADMIN)
+    experiment = _ok(
+        sidecar.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=policy.Names().inference),
+        "get",
+    )["experiment"]["experiment_id"]
+    old_day = (datetime.now(UTC).date() - timedelta(days=10)).isoformat()
+    run_id = _ok(sidecar.post("/api/2.0/mlflow/runs/create", experiment_id=experiment), "create")["run"][
+        "info"
+    ]["run_id"]
+    _ok(sidecar.post("/api/2.0/mlflow/runs/set-tag", run_id=run_id, key="day", value=old_day), "tag")
+    record = f"{experiment}/{run_id}/artifacts/records/old.csv"
+    _ok(sidecar.put_artifact(record, b"age,income\n41,52000\n"), "upload")
+
+    monitor_env = {**stack.env, "CREDIT_RISK_CREDENTIALS_FILE": str(stack.auth / "monitor.env")}
+    refused = stack.run("records", "prune", "--older-than", "7", env=monitor_env)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "as monitor" in refused.stderr.splitlines()[0]
+    error = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, refused.stderr
+    assert error[0].startswith("error: the tracking server refused the prune to 'monitor' (403): "), error
+    assert admin.get_artifact(record).status_code == 200
+
+    pruned = stack.run("records", "prune", "--older-than", "7")
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert pruned.stderr.startswith(
+        f"tracking server: {stack.tracking} (the local stack, .credit-risk/stack.json) "
+        "as sidecar (.credit-risk/auth/sidecar.env)\n"
+    ), pruned.stderr
+    assert pruned.stdout.startswith("pruned experiment 'credit-risk-inference': 1 runs (1 record files)"), (
+        pruned.stdout
+    )
+    run = _ok(admin.get("/api/2.0/mlflow/runs/get", run_id=run_id), "run")["run"]
+    assert run["info"]["lifecycle_stage"] == "deleted"
+    assert admin.get_artifact(record).status_code != 200
+    # Today's records are inside any window: their runs are still there.
+    runs = _ok(admin.post("/api/2.0/mlflow/runs/search", experiment_ids=[experiment]), "search")["runs"]
+    today = datetime.now(UTC).date().isoformat()
+    assert any({"key": "day", "value": today} in run["data"].get("tags", []) for run in runs), runs
 
 
 def _wait_until_shipped(stack: AuthStack, timeout: float = 120) -> None:
