@@ -127,7 +127,7 @@ def test_no_password_reaches_a_container_but_as_a_file(monkeypatch):
 
 AUTH_DIR = "/run/credit-risk/auth"
 # The compose services that talk to MLflow, and the identity each acts as.
-CLIENT_IDENTITIES = {"trainer": "trainer", "serving": "serving", "sidecar": "sidecar"}
+CLIENT_IDENTITIES = {"trainer": "trainer", "serving": "serving", "sidecar": "sidecar", "monitor": "monitor"}
 
 
 @pytest.mark.parametrize("files", COMPOSE_FILES, ids=["postgres", "sqlite"])
@@ -179,3 +179,58 @@ def test_auth_is_on_with_no_default_password(files, monkeypatch):
         "mlflow",
         "provision",
     }
+
+
+# -- the monitor service (issue 19) ---------------------------------------------------------------
+
+
+def test_the_monitor_is_a_service_on_its_own_published_port(monkeypatch):
+    """`credit-risk monitor --every` on every address inside its container, its port published
+    on CREDIT_RISK_BIND (loopback by default) as MONITOR_PORT says, the interval and window
+    from documented variables, a healthcheck on /health/live (the one path that fails only
+    when a restart helps), started once the trainer has made a Production version."""
+    from monitoring.settings import DEFAULT_PORT, MonitorSettings
+
+    for name in (
+        "MONITOR_PORT",
+        "CREDIT_RISK_BIND",
+        "CREDIT_RISK_MONITOR_EVERY",
+        "CREDIT_RISK_MONITOR_WINDOW",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monitor = _compose_config("docker-compose.yml")["services"]["monitor"]
+    assert monitor["image"] == "credit-risk-train:local"
+    assert monitor["command"] == ["credit-risk", "monitor", "--every"]
+    environment = monitor["environment"]
+    assert environment["CREDIT_RISK_MONITOR_HOST"] == "0.0.0.0"
+    assert int(environment["CREDIT_RISK_MONITOR_PORT"]) == DEFAULT_PORT
+    defaults = MonitorSettings.model_fields
+    assert environment["CREDIT_RISK_MONITOR_EVERY"] == "15m" == _duration(defaults["every"].default)
+    assert environment["CREDIT_RISK_MONITOR_WINDOW"] == "24h" == _duration(defaults["window"].default)
+    [port] = monitor["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == (
+        "127.0.0.1",
+        str(DEFAULT_PORT),
+        DEFAULT_PORT,
+    )
+    assert monitor["healthcheck"]["test"][-1].count(f"http://127.0.0.1:{DEFAULT_PORT}/health/live'") == 1
+    assert {name: d["condition"] for name, d in monitor["depends_on"].items()} == {
+        "provision": "service_completed_successfully",
+        "mlflow": "service_healthy",
+        "trainer": "service_completed_successfully",
+    }
+    assert monitor["restart"] == "unless-stopped"
+
+    monkeypatch.setenv("MONITOR_PORT", "18084")
+    monkeypatch.setenv("CREDIT_RISK_BIND", "0.0.0.0")
+    monkeypatch.setenv("CREDIT_RISK_MONITOR_EVERY", "1m")
+    monitor = _compose_config("docker-compose.yml")["services"]["monitor"]
+    [port] = monitor["ports"]
+    assert (port["host_ip"], port["published"]) == ("0.0.0.0", "18084")
+    assert monitor["environment"]["CREDIT_RISK_MONITOR_EVERY"] == "1m"
+
+
+def _duration(value) -> str:
+    from monitoring.settings import format_duration
+
+    return format_duration(value)

@@ -14,6 +14,7 @@ import json
 import re
 import secrets
 import shlex
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,6 +27,7 @@ from mlflow.cli import server as mlflow_server_command
 from mlserver.settings import Settings as MLServerSettings
 
 from logging_sidecar.settings import DEFAULT_PORT as SIDECAR_PORT
+from monitoring.settings import DEFAULT_PORT as MONITOR_PORT
 from serving.settings import (
     DEFAULT_GRPC_PORT,
     DEFAULT_HTTP_PORT,
@@ -55,7 +57,7 @@ KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 POSTGRES_IMAGE_VARIABLES = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "PGDATA"}
 PROJECT_SOURCES = [
     path
-    for package in ("model", "training", "serving", "logging_sidecar", "stack")
+    for package in ("model", "training", "serving", "logging_sidecar", "monitoring", "stack")
     for path in (REPO / package).glob("*.py")
 ]
 
@@ -193,6 +195,7 @@ SAME_AS_COMPOSE = {
     ("kserve", "kserve-container"): "serving",
     ("kserve", "sidecar"): "sidecar",
     ("provision", "provision"): "provision",
+    ("monitor", "monitor"): "monitor",
 }
 
 
@@ -330,6 +333,7 @@ IDENTITY = {
     ("kserve", "kserve-container"): "serving",
     ("kserve", "sidecar"): "sidecar",
     ("provision", "provision"): "admin",
+    ("monitor", "monitor"): "monitor",
 }
 
 
@@ -441,9 +445,17 @@ def test_the_documented_auth_secret_commands_make_what_the_pods_mount(tmp_path, 
         for pair in _secret_files(spec, container).values()
     }
     made_pairs = {(secret, key) for secret, keys in made.items() for key in keys}
-    # Every file a pod mounts is made; monitor's and operator's are for people and the monitor.
+    # Every file a pod mounts is made; every identity's is used by its own pods (besides
+    # `provision`, which reads them all), but the operator's, which is for people.
     assert mounted <= made_pairs
-    assert made_pairs - mounted <= {("mlflow-operator", "operator.env"), ("mlflow-monitor", "monitor.env")}
+    used = {
+        pair
+        for workload, spec in _pod_specs().items()
+        if workload != "provision"
+        for container in _containers(spec)
+        for pair in _secret_files(spec, container).values()
+    }
+    assert made_pairs - used == {("mlflow-operator", "operator.env")}
 
 
 # Set under compose only, and why.
@@ -492,6 +504,33 @@ def test_ports_are_the_code_defaults_and_compose_ports():
 
     [kserve_port] = _container("kserve", "kserve-container")["ports"]
     assert kserve_port["containerPort"] == DEFAULT_HTTP_PORT
+
+    monitor = _container("monitor", "monitor")
+    assert [p["containerPort"] for p in monitor["ports"]] == [MONITOR_PORT]
+    assert _env(monitor)["CREDIT_RISK_MONITOR_PORT"] == str(MONITOR_PORT)
+    assert _service_ports("monitor") == {MONITOR_PORT}
+    assert [int(p.rsplit(":", 1)[1]) for p in COMPOSE["services"]["monitor"]["ports"]] == [MONITOR_PORT]
+    assert urlparse(_compose_health_url("monitor")).port == MONITOR_PORT
+
+
+def test_the_monitor_runs_as_compose_runs_it():
+    """The same interval, window and address as compose's defaults (which are the code's), one
+    replica that a rollout never doubles (each would log its own run of a window), and the
+    prometheus.yml job scraping it by the Service's name and port."""
+    from monitoring.settings import MonitorSettings, format_duration
+
+    env, compose = _env(_container("monitor", "monitor")), _compose_env("monitor")
+    for name in ("CREDIT_RISK_MONITOR_EVERY", "CREDIT_RISK_MONITOR_WINDOW", "CREDIT_RISK_MONITOR_HOST"):
+        assert env[name] == compose[name], name
+    fields = MonitorSettings.model_fields
+    assert env["CREDIT_RISK_MONITOR_EVERY"] == format_duration(fields["every"].default)
+    assert env["CREDIT_RISK_MONITOR_WINDOW"] == format_duration(fields["window"].default)
+    assert env["CREDIT_RISK_MONITOR_HOST"] == "0.0.0.0"
+    deployment = _named("Deployment", "monitor")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in scrape["scrape_configs"] if j["job_name"] == "credit-risk-monitor"]
+    assert job["static_configs"] == [{"targets": [f"monitor:{MONITOR_PORT}"]}]
 
 
 def test_services_reach_ports_their_pods_declare():
@@ -908,11 +947,12 @@ def test_every_policy_selects_pods_that_exist_and_admits_only_ports_they_serve()
     assert admitted("kserve") == {
         p["containerPort"] for p in _container("kserve", "kserve-container")["ports"]
     }
+    assert admitted("monitor") == _service_ports("monitor")
     for name in ("trainer", "drain-spool", "provision"):
         assert admitted(name) == set(), name
 
 
-MLFLOW_CLIENTS = {"trainer", "serving", "drain-spool", "kserve", "operator", "provision"}
+MLFLOW_CLIENTS = {"trainer", "serving", "drain-spool", "kserve", "operator", "provision", "monitor"}
 
 
 def test_mlflow_is_reached_only_by_its_clients_and_reaches_only_the_database():
@@ -956,6 +996,20 @@ def test_serving_answers_everyone_and_its_metrics_only_monitoring():
     for port in metrics:
         for source in _pods():
             assert _reach(source, "serving", port) == (source == "prometheus"), (source, port)
+
+
+def test_the_monitor_is_scraped_only_from_monitoring_and_reaches_only_mlflow():
+    for source in _pods():
+        assert _reach(source, "monitor", MONITOR_PORT) == (source == "prometheus"), source
+    assert _reach("monitor", "mlflow", services.MLFLOW_PORT)
+    for destination, port in (
+        ("serving", DEFAULT_HTTP_PORT),
+        ("db", 5432),
+        ("internet", 443),
+        ("prometheus", 9090),
+        ("client", DEFAULT_HTTP_PORT),
+    ):
+        assert not _reach("monitor", destination, port), destination
 
 
 # -- the drain Job: the sidecar, once, on a spool left behind ----------------------------------
@@ -1107,3 +1161,38 @@ def test_mlflow_started_with_the_manifests_flags_answers_its_probes(tmp_path):
         assert httpx.get(api, headers=in_cluster, timeout=10).status_code == 401
         assert httpx.get(api, headers=in_cluster, auth=tuple(admin), timeout=10).status_code == 200
         assert httpx.get(api, headers=pod_ip, auth=tuple(admin), timeout=10).status_code == 403
+
+
+@pytest.mark.integration
+def test_monitor_probes_are_answered_by_the_real_monitor(tmp_path):
+    """`credit-risk monitor --every` as the Deployment runs it (its settings, a free port, no
+    MLflow to reach): every probe path answers 200 during an MLflow outage, which /health
+    reports, and /metrics is served on the same port."""
+    container = _container("monitor", "monitor")
+    port = free_port()
+    env = {name: value for name, value in _env(container).items() if value is not None}
+    env |= {
+        "MLFLOW_TRACKING_URI": services.tracking_uri(free_port()),
+        "CREDIT_RISK_MONITOR_HOST": services.LOOPBACK,
+        "CREDIT_RISK_MONITOR_PORT": str(port),
+        # No credentials: nothing answers to refuse them.
+        "CREDIT_RISK_CREDENTIALS_FILE": None,
+        "MLFLOW_TRACKING_USERNAME": None,
+        "MLFLOW_TRACKING_PASSWORD": None,
+    }
+    base = f"http://{services.LOOPBACK}:{port}"
+    command = [str(BIN / "credit-risk"), *container["command"][1:]]
+    service = processes.Service("monitor-k8s", command, f"{base}/health/live", env)
+    probes = _probes(container)
+    assert urlparse(_compose_health_url("monitor")).path == probes["livenessProbe"]["httpGet"]["path"]
+    with running(service, tmp_path, timeout=120):
+        for probe in probes.values():
+            assert probe["httpGet"]["port"] == container["ports"][0]["name"]
+            answer = httpx.get(f"{base}{probe['httpGet']['path']}", timeout=10)
+            assert answer.status_code == 200, answer.text
+        deadline = time.monotonic() + 30
+        while (health := httpx.get(f"{base}/health", timeout=10).json())["mlflow"]["reachable"] is None:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.5)
+        assert health["mlflow"]["reachable"] is False and health["every"] == env["CREDIT_RISK_MONITOR_EVERY"]
+        assert 'credit_risk_monitor_mlflow_up{model="credit-risk"} 0.0' in httpx.get(f"{base}/metrics").text

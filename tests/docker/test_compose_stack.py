@@ -2,7 +2,8 @@
 MLflow's runs and registry in the `db` service's PostgreSQL, a generated database password
 that no `docker inspect` shows, the hardening each container claims, and MLflow's basic-auth
 on by default: anonymous requests refused, each identity only its grants, the admin password
-taken from CREDIT_RISK_ADMIN_PASSWORD.
+taken from CREDIT_RISK_ADMIN_PASSWORD; the monitor service, acting as `monitor`, computes
+windows over the shipped records and exports them on its published port.
 
 Runs under its own project name, image tag and free published ports, so it never touches a
 user's stack, and removes everything it created (containers, volumes, network, images).
@@ -28,7 +29,7 @@ from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.docker
 
-LONG_RUNNING = ("db", "mlflow", "serving", "sidecar")
+LONG_RUNNING = ("db", "mlflow", "serving", "sidecar", "monitor")
 ONE_SHOT = ("credentials", "provision", "trainer")
 CLIENT_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "CREDIT_RISK_CREDENTIALS_FILE")
 
@@ -50,7 +51,13 @@ class Compose:
         self.project = f"credit-risk-test-{suffix}"
         self.ports = {
             name: free_port()
-            for name in ("MLFLOW_PORT", "MLSERVER_HTTP_PORT", "MLSERVER_GRPC_PORT", "MLSERVER_METRICS_PORT")
+            for name in (
+                "MLFLOW_PORT",
+                "MLSERVER_HTTP_PORT",
+                "MLSERVER_GRPC_PORT",
+                "MLSERVER_METRICS_PORT",
+                "MONITOR_PORT",
+            )
         }
         # Characters a URI or configparser would need escaped: the password travels only as
         # files. The database password is left to be generated (`db_password` reads it).
@@ -61,11 +68,14 @@ class Compose:
             **{k: str(v) for k, v in self.ports.items()},
             "CREDIT_RISK_IMAGE_TAG": f"test-{suffix}",
             "CREDIT_RISK_FLUSH_INTERVAL_S": "2",
+            # A window every 10 s, so that one sees the records this test sends.
+            "CREDIT_RISK_MONITOR_EVERY": "10s",
             "CREDIT_RISK_ADMIN_PASSWORD": self.admin_password,
         }
         self.images = [f"credit-risk-{kind}:test-{suffix}" for kind in ("train", "serve")]
         self.mlflow_url = f"http://127.0.0.1:{self.ports['MLFLOW_PORT']}"
         self.infer_url = f"http://127.0.0.1:{self.ports['MLSERVER_HTTP_PORT']}/v2/models/{MODEL_NAME}/infer"
+        self.monitor_url = f"http://127.0.0.1:{self.ports['MONITOR_PORT']}"
 
     def run(self, *args, timeout=900, check=True) -> subprocess.CompletedProcess:
         result = subprocess.run(
@@ -189,11 +199,55 @@ def _check_auth(compose: Compose) -> None:
     read = httpx.get(f"{api}/model-versions/get", params=version, auth=serving)
     assert read.status_code == 200, read.text
     sidecar = compose.credentials("sidecar", "sidecar")
+    monitor = compose.credentials("monitor", "monitor")
+    read = httpx.get(f"{api}/model-versions/get", params=version, auth=monitor)
+    assert read.status_code == 200, read.text
     for path, body in changes:
-        for identity in (serving, sidecar):
+        for identity in (serving, sidecar, monitor):
             answer = httpx.post(f"{api}/{path}", json=body, auth=identity)
             assert answer.status_code == 403, (identity[0], path, answer.status_code, answer.text)
     assert compose.client().get_model_version(REGISTERED_MODEL_NAME, "1").current_stage == "Production"
+
+
+def _monitor_window(compose: Compose, rows: int, timeout=300) -> dict:
+    """The monitor's /health once its last window holds ``rows`` records (of version 1): the
+    window was computed, its run logged, by the service acting as `monitor`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = httpx.get(f"{compose.monitor_url}/health", timeout=10)
+        assert health.status_code == 200, health.text
+        body = health.json()
+        window = body["last_window"]
+        if window is not None and window["rows"] == rows and not window["stale"]:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(2)
+
+
+def _check_monitor(compose: Compose, records) -> None:
+    """The monitor reached MLflow as `monitor` (its log says so, and the grants it needs are
+    the monitor's: a 401 or 403 would be its last error), its last window counts exactly the
+    records shipped so far, its run is in the monitoring experiment, and /metrics exports the
+    window and the process gauges."""
+    rows = int((records["model_version"] == "1").sum())
+    assert rows == len(records)
+    health = _monitor_window(compose, rows)
+    assert health["mlflow"]["reachable"] is True and health["last_error"] is None, health
+    window = health["last_window"]
+    assert window["model_version"] == "1", window
+    run = compose.client().get_run(window["monitoring_run_id"])
+    assert compose.client().get_experiment(run.info.experiment_id).name == "credit-risk-monitoring"
+    log = compose.run("logs", "--no-color", "monitor").stdout
+    assert "as monitor (/run/credit-risk/auth/monitor.env)" in log, log[-3000:]
+    # MLflow's client says "failed with error code 401 != 200" (403) when it is refused.
+    assert "error code 401" not in log and "error code 403" not in log, log[-3000:]
+    metrics = httpx.get(f"{compose.monitor_url}/metrics", timeout=10).text
+    labels = f'model="{MODEL_NAME}"'
+    assert f"credit_risk_monitor_mlflow_up{{{labels}}} 1.0" in metrics, metrics
+    assert f"credit_risk_monitor_last_error{{{labels}}} 0.0" in metrics, metrics
+    assert f"credit_risk_monitor_last_success_timestamp_seconds{{{labels}}}" in metrics, metrics
+    assert f"credit_risk_monitor_interval_seconds{{{labels}}} 10.0" in metrics, metrics
+    assert f'credit_risk_window_rows{{{labels},version="1"}} {float(rows)}' in metrics, metrics
 
 
 def test_fresh_up_restart_and_down_up_keep_everything(compose):
@@ -211,6 +265,7 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
         assert answer["model_version"] == "1" and answer["id"] == request_id
     records = compose.wait_for_records(first)
     assert len(records) == 2 * len(first)  # the example request has two rows, each once
+    _check_monitor(compose, records)
     # Runs and registry are in PostgreSQL, not in a SQLite file on MLflow's volume.
     assert compose.sql(
         f"SELECT version, current_stage FROM model_versions WHERE name = '{REGISTERED_MODEL_NAME}'"
@@ -242,6 +297,7 @@ def test_fresh_up_restart_and_down_up_keep_everything(compose):
         first |= more
         records = compose.wait_for_records(first)
         assert len(records) == 2 * len(first), how  # nothing lost, nothing twice
+        _check_monitor(compose, records)  # back after the outage, the new records counted
 
 
 def test_no_container_shows_a_password(compose):
@@ -282,10 +338,11 @@ def test_no_container_shows_a_password(compose):
         ("mlflow", "/run/credit-risk/auth/operator/operator.env"): "10001 600",
         ("serving", "/run/credit-risk/auth/serving.env"): "10001 600",
         ("sidecar", "/run/credit-risk/auth/sidecar.env"): "10001 600",
+        ("monitor", "/run/credit-risk/auth/monitor.env"): "10001 600",
     }
     for (service, path), expected in owners.items():
         assert compose.run("exec", "-T", service, "stat", "-c", "%u %a", path).stdout.strip() == expected
-    for service in ("serving", "sidecar"):
+    for service in ("serving", "sidecar", "monitor"):
         listing = compose.run("exec", "-T", service, "ls", "-A", "/run/credit-risk/auth").stdout.split()
         assert listing == [f"{service}.env"], (service, listing)
     # The admin password from the environment is the one admin.env holds and the server takes.
