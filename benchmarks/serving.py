@@ -228,8 +228,9 @@ def wrk(url: str, body_file: Path, script: Path, seconds: float, connections: in
     errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, sockets.groups())) if sockets else 0)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50_ms": _ms(latency["50"]),
-        "p99_ms": _ms(latency["99"]),
+        # wrk prints no percentiles when no request was answered: no latency to report.
+        "p50_ms": _ms(latency["50"]) if "50" in latency else float("nan"),
+        "p99_ms": _ms(latency["99"]) if "99" in latency else float("nan"),
         "errors": errors,
         "generator_cpu_s": _children_cpu_s() - cpu,
         "seconds": seconds,
