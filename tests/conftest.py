@@ -10,6 +10,7 @@ the tests allowed to skip even then, each with why; it is empty and should stay 
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 
@@ -22,6 +23,14 @@ from tests.helpers import REAL_DATA, SAMPLE, credit_risk, mlflow_tracking_server
 # Node ids (``tests/x.py::test_y``) that may skip under CI, each with the reason it cannot run
 # there. Every test can run in CI today (root, Docker, PostgreSQL and the real data are there).
 CI_MAY_SKIP: dict[str, str] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The fault suite's random seed (``test_fault_injection.EXTRA_SEED``), drawn once here and
+    handed to every parallel worker through the environment: workers must collect the same
+    test ids, and the seed is part of one."""
+    if not hasattr(config, "workerinput") and not os.environ.get("CREDIT_RISK_FAULT_SEED"):
+        os.environ["CREDIT_RISK_FAULT_SEED"] = str(random.SystemRandom().randrange(1 << 32))
 
 
 def _why_skips_fail() -> str | None:

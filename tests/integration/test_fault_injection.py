@@ -76,7 +76,8 @@ SOAK_ROUNDS = int(os.environ.get("CREDIT_RISK_FAULT_ROUNDS") or 0)
 # Under CI_ROUND a seed draws another schedule than under the full round
 # (CREDIT_RISK_FAULT_ROUNDS=1 replays that one).
 CI_SEEDS = (3695307204, 4151355041)
-# CREDIT_RISK_FAULT_SEED replays a printed seed; otherwise a new one each session.
+# CREDIT_RISK_FAULT_SEED replays a printed seed; otherwise a new one each session, drawn in
+# tests/conftest.py (pytest_configure) so that parallel workers collect the same seed.
 EXTRA_SEED = int(os.environ.get("CREDIT_RISK_FAULT_SEED") or random.SystemRandom().randrange(1 << 32))
 SEEDS = (EXTRA_SEED,) if SOAK_ROUNDS else tuple(dict.fromkeys((*CI_SEEDS, EXTRA_SEED)))
 BIG_REQUEST_ROWS = 50_000  # one spool line well over 4 MiB
