@@ -41,9 +41,11 @@ def drain_once(spool, tracking_uri: str, experiment: str, **env) -> subprocess.C
 
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
+    """The one error line, after the line naming the tracking server that every command prints."""
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    return lines[0]
+    assert len(lines) == 2 and lines[0].startswith("tracking server: "), done.stderr
+    assert lines[1].startswith("error: "), done.stderr
+    return lines[1]
 
 
 def kill_at_fault_point(root, spool, tracking_uri, experiment, point: str) -> None:
