@@ -246,7 +246,9 @@ def probe_server(url: str, production: str | None = None) -> dict:
     found["ready"] = ready.status_code == 200
     details = []
     if not found["ready"]:
-        details.append(f"ready answered {ready.status_code} {ready.text.strip()[:_DETAIL_CHARS]}".strip())
+        # The server's own account in full (it names the refused file), else its body, cut short.
+        reason = _readiness_status(ready) or ready.text.strip()[:_DETAIL_CHARS]
+        details.append(f"ready answered {ready.status_code} {reason}".strip())
     try:
         metadata.raise_for_status()
         found["version"] = (metadata.json().get("parameters") or {}).get("registry_version")
