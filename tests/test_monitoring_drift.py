@@ -60,7 +60,11 @@ def test_psi_of_a_small_example_worked_out_by_hand():
     assert drift.psi == pytest.approx(by_hand, abs=1e-12)
     assert drift.missing_rate == 0.15 and drift.missing_rate_change == 0.15
     assert drift.out_of_range_share == pytest.approx(2 / 17, abs=1e-15)
-    assert drift.ks == ks_2samp(window[~np.isnan(window)], np.repeat(np.arange(1.0, 11.0), 10)).statistic
+    # To 1e-12, not bit for bit: the last bits of scipy's difference of two ECDFs vary between
+    # builds (Python 3.11 and 3.12 wheels of the same numpy and scipy disagree there).
+    assert drift.ks == pytest.approx(
+        ks_2samp(window[~np.isnan(window)], np.repeat(np.arange(1.0, 11.0), 10)).statistic, abs=1e-12
+    )
     assert drift.status == ALERT
     assert column_drift(window, reference, Thresholds()).status == INSUFFICIENT  # 20 rows < 500
 
@@ -77,14 +81,14 @@ def sample(sample_path):
 
 
 @pytest.mark.parametrize("name", FEATURES)
-def test_ks_equals_scipy_bit_for_bit_on_every_feature(sample, name):
+def test_ks_equals_scipy_to_1e12_on_every_feature(sample, name):
     reference_column = sample.features[name].to_numpy(dtype=np.float64)
     reference = Distribution.of(reference_column)
     rng = np.random.default_rng(11)
     window = rng.choice(reference_column, 3000) * rng.choice([1.0, 1.0, 1.5], 3000)
     window = window[~np.isnan(window)]
     expected = ks_2samp(window, reference_column[~np.isnan(reference_column)]).statistic
-    assert ks_statistic(window, reference) == expected
+    assert ks_statistic(window, reference) == pytest.approx(expected, abs=1e-12)
 
 
 def test_ks_on_samples_beyond_scipys_exact_range_agrees_to_1e15():
