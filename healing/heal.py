@@ -32,7 +32,6 @@ MLflow's fluent API.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -40,7 +39,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
@@ -63,6 +61,7 @@ from model.identity import DATASET_HASH, utc_timestamp
 from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY, TARGET
 from monitoring.outcomes import read_outcomes
 from monitoring.status import Thresholds
+from monitoring.window import json_safe
 from training import gate, registry
 from training.data import DataError, TrainingData, load_training_data
 from training.settings import TrainingParameters
@@ -110,7 +109,7 @@ class HealResult:
             "rows_original",
             "comparable",
         )
-        return _json_safe(
+        return json_safe(
             {
                 "attempt_run_id": self.attempt_run_id,
                 "state": self.state,
@@ -130,18 +129,6 @@ class HealResult:
                 "ended_at": self.ended_at,
             }
         )
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class _End(Exception):

@@ -36,12 +36,12 @@ from monitoring.profile import ReferenceProfile
 from monitoring.status import Thresholds, worst
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities become None (JSON has neither); numpy scalars become Python's."""
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -73,7 +73,7 @@ class WindowResult:
         return worst([*(item.status for item in self.features.values()), self.score.status])
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(
+        return json_safe(
             {
                 "status": self.status,
                 "model_version": self.model_version,
