@@ -215,7 +215,7 @@ def _outcome_verdict(window: WindowResult, policy, training_auc: float | None) -
         OUTCOMES,
         fired,
         f"outcomes: ROC AUC {metrics.roc_auc:.4f} on {metrics.rows} labelled rows ({metrics.defaults} defaults) "
-        f"of {span}, {drop:+.4f} below the training AUC {training_auc:.4f} "
+        f"of {span}, {abs(drop):.4f} {'below' if drop >= 0 else 'above'} the training AUC {training_auc:.4f} "
         f"({'more' if fired else 'not more'} than the margin {policy.auc_margin:g})",
         figures,
     )

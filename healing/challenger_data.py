@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from model.identity import utc_timestamp
 from model.schema import COUNTS, FEATURES, TARGET
 from monitoring.performance import join_outcomes
 from training.data import TrainingData
@@ -112,8 +113,8 @@ class ChallengerData:
             return {
                 "rows": len(frame),
                 "defaults": int(frame[TARGET].sum()),
-                "first_record_at": stamps.min().isoformat(),
-                "last_record_at": stamps.max().isoformat(),
+                "first_record_at": utc_timestamp(stamps.min()),
+                "last_record_at": utc_timestamp(stamps.max()),
                 "fingerprint": fingerprint(row_digests(frame[list(FEATURES)], frame[TARGET])),
                 "model_versions": sorted(frame["model_version"].astype(str).unique().tolist()),
             }

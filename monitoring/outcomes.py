@@ -55,6 +55,7 @@ import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
+from model.identity import utc_timestamp
 from monitoring.settings import OUTCOMES_EXPERIMENT
 from monitoring.store import experiment_id
 
@@ -532,7 +533,7 @@ def read_outcomes(
             "source_sha256": run.data.tags.get(SOURCE_SHA256_TAG),
             "rows": int(run.data.tags.get(ROWS_TAG, 0)),
             "run_id": run.info.run_id,
-            "ingested_at": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC").isoformat(),
+            "ingested_at": utc_timestamp(run.info.start_time / 1000),
         }
         for run in runs
     ]

@@ -23,6 +23,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from model.identity import utc_timestamp
 from stack.errors import FAILED, UsageError
 from stack.local import use_tracking_server
 
@@ -147,9 +148,11 @@ def _one_window(args, settings, version: str | None) -> int:
     from training.registry import ui_url
 
     if args.since is not None and args.until is not None and args.until <= args.since:
-        raise UsageError(f"--until {args.until.isoformat()} must be after --since {args.since.isoformat()}")
+        raise UsageError(
+            f"--until {utc_timestamp(args.until)} must be after --since {utc_timestamp(args.since)}"
+        )
     if args.since is not None and args.until is None and args.since >= datetime.now(UTC):
-        raise UsageError(f"--since {args.since.isoformat()} is in the future: the window would be empty")
+        raise UsageError(f"--since {utc_timestamp(args.since)} is in the future: the window would be empty")
     window = Window.ending(args.until, settings.window, args.since)
     server, client = _client()
     try:

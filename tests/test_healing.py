@@ -232,6 +232,12 @@ def test_the_recent_rows_are_the_newest_and_never_trained_on(sample, tmp_path):
     lineage = data.lineage()
     assert lineage["recent"]["rows"] == 50 and lineage["production"]["rows"] == 150
     assert lineage["original"]["sha256"] == original.fingerprint.sha256
+    # Times as everywhere else in the project (model.identity.utc_timestamp), not pandas' own.
+    newest = data.recent["timestamp"].max()
+    assert (
+        lineage["recent"]["last_record_at"]
+        == newest.strftime("%Y-%m-%dT%H:%M:%S.") + f"{newest.microsecond // 1000:03d}Z"
+    )
 
 
 def test_a_row_with_a_recent_rows_content_is_not_trained_on(sample, tmp_path):
@@ -351,6 +357,9 @@ def test_an_auc_below_the_training_auc_by_more_than_the_margin_triggers(sample):
     assert fired.to_dict()["outcomes"]["fired"] and fired.triggered
     held = assess(windows, _Version(tags={"test_roc_auc": f"{expected + 0.049:.6f}"}), policy, NOW)
     assert not held.to_dict()["outcomes"]["fired"]
+    assert "0.0490 below the training AUC" in held.to_dict()["outcomes"]["reason"]
+    better = assess(windows, _Version(tags={"test_roc_auc": f"{expected - 0.02:.6f}"}), policy, NOW)
+    assert "0.0200 above the training AUC" in better.to_dict()["outcomes"]["reason"]
     few, _ = _windows(sample, {}, labelled=True, auc_rows=400)  # below min_labelled_rows (1000)
     verdict = assess(few, _Version(tags={"test_roc_auc": "0.99"}), policy, NOW).to_dict()["outcomes"]
     assert not verdict["fired"] and "too few to judge" in verdict["reason"]

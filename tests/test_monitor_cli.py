@@ -37,9 +37,9 @@ def run(capsys, *argv: str) -> tuple[int, list[str]]:
         (["--model-version", "0"], "error: --model-version must be a registry version number such as 3, got '0'"),
         (
             ["--since", "2026-12-07", "--until", "2026-12-06"],
-            "error: --until 2026-12-06T00:00:00+00:00 must be after --since 2026-12-07T00:00:00+00:00",
+            "error: --until 2026-12-06T00:00:00.000Z must be after --since 2026-12-07T00:00:00.000Z",
         ),
-        (["--since", "2999-01-01"], "error: --since 2999-01-01T00:00:00+00:00 is in the future: the window would be empty"),
+        (["--since", "2999-01-01"], "error: --since 2999-01-01T00:00:00.000Z is in the future: the window would be empty"),
         (["--every", "5x"], "error: --every='5x': must be a duration such as 90s, 15m, 24h or 7d (or a number of seconds)"),
         (["--every", "0s"], "error: --every='0s': must be a positive duration"),
         (

@@ -8,6 +8,7 @@ import itertools
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from mlflow.entities import ViewType
@@ -79,6 +80,8 @@ def test_the_same_file_twice_counts_once_and_overlaps_store_only_new_keys(client
         == parse_outcome_bytes(first.read_bytes(), "x").sha256
     )
     assert set(frame.loc[frame["request_id"] == "r3", "batch"]) == {more.batch}
+    started = datetime.fromtimestamp(client.get_run(result.run_id).info.start_time / 1000, UTC)
+    assert batches[0]["ingested_at"] == started.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     assert frame.attrs["conflicts"] == []
     # r2's observed_at stays as first stored (unknown): the later file's date is not a new outcome.
     assert frame.loc[frame["request_id"] == "r2", "observed_at"].isna().all()
