@@ -177,6 +177,8 @@ def _score_verdict(window: WindowResult, policy) -> Verdict:
         "status": score.status,
         "mean_probability": score.mean_probability,
     }
+    if not window.rows:  # no PSI to show: the window has no score to compare
+        return Verdict("score", False, f"score: no records in the last {policy.window_hours:g} h", figures)
     text = f"score: PSI {score.distribution.psi:.3f} ({score.status}) over {window.rows} rows"
     if not policy.score:
         return Verdict("score", False, f"{text}; score drift is not a trigger (score = false)", figures)

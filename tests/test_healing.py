@@ -335,6 +335,26 @@ def test_a_shifted_feature_triggers_and_is_named(sample):
     assert "no trigger: outcomes: no labelled record of the last 90 days" in assessment.reasons
 
 
+def test_an_empty_window_says_so_and_triggers_nothing(sample):
+    features, _ = sample
+    profile = build_profile(features.iloc[:2500], np.linspace(0.01, 0.5, 2500), 0.2)
+    empty = monitor_window(
+        _records(features.iloc[:0], NOW).assign(probability=0.0, prediction=0),
+        profile,
+        model_version="1",
+        since=NOW - timedelta(hours=24),
+        until=NOW,
+    )
+    assessment = assess(
+        Windows(empty, empty), _Version(tags={"test_roc_auc": "0.9"}), HealPolicy().trigger, NOW
+    )
+    assert not assessment.triggered
+    assert assessment.reasons[:2] == [
+        "no trigger: drift: no records in the last 24 h",
+        "no trigger: score: no records in the last 24 h",
+    ]
+
+
 def test_no_shift_and_a_fair_auc_trigger_nothing(sample):
     windows, _ = _windows(sample, {}, labelled=True)
     auc = windows.outcomes.outcomes.roc_auc
