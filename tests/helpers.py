@@ -76,6 +76,16 @@ def credit_risk(*args: str, tracking_uri: str, timeout: float = 900, **env) -> s
     )
 
 
+def one_error_line(err: str) -> str:
+    """The one ``error:`` line of a command's stderr, after the line naming the tracking
+    server when the command printed one (commands that use MLflow say which server first)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    if lines and lines[0].startswith("tracking server: "):
+        lines = lines[1:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
 def serving_service(tracking_uri: str, name: str = "serving", workers: int = 0, **env):
     """``credit-risk serve`` on three free ports. ``workers`` other than 0 is refused by the
     server (one process follows the registry); it is here so that a test can check that."""

@@ -25,7 +25,7 @@ from logging_sidecar.spool import list_segments
 from serving.capture import SpoolWriter
 from serving.spool_format import SpoolSettings, live_writers
 from stack import processes, services
-from tests.helpers import credit_risk, free_port, mlflow_tracking_server, wait_for_log_line
+from tests.helpers import credit_risk, free_port, mlflow_tracking_server, one_error_line, wait_for_log_line
 from tests.integration.spool_records import REPLICA, WriterProcess, Written, assert_exactly
 
 pytestmark = pytest.mark.integration
@@ -40,12 +40,10 @@ def drain_once(spool, tracking_uri: str, experiment: str, **env) -> subprocess.C
     )  # fmt: skip
 
 
-def one_error_line(done: subprocess.CompletedProcess) -> str:
-    """The one error line, after the line naming the tracking server that every command prints."""
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[0].startswith("tracking server: "), done.stderr
-    assert lines[1].startswith("error: "), done.stderr
-    return lines[1]
+def drain_error(done: subprocess.CompletedProcess) -> str:
+    """The one error line, after the line naming the tracking server that the drain prints."""
+    assert done.stderr.lstrip().startswith("tracking server: "), done.stderr
+    return one_error_line(done.stderr)
 
 
 def kill_at_fault_point(root, spool, tracking_uri, experiment, point: str) -> None:
@@ -102,10 +100,10 @@ def test_drain_once_ships_a_left_behind_spool_exactly_once_and_empties_it(tmp_pa
         # Refused: another sidecar holds the spool.
         with lock_spool(spool):
             done = drain_once(spool, tracking_uri, experiment)
-        assert done.returncode == 1 and "another sidecar is already shipping" in one_error_line(done)
+        assert done.returncode == 1 and "another sidecar is already shipping" in drain_error(done)
         # Refused: a server still writes to it; nothing is shipped.
         done = drain_once(spool, tracking_uri, experiment)
-        line = one_error_line(done)
+        line = drain_error(done)
         assert done.returncode == 1 and "refusing to drain" in line and "is alive" in line
         assert flushes(spool) == {"shipped": 1, "planned": 1}
         alive.kill()
@@ -116,7 +114,7 @@ def test_drain_once_ships_a_left_behind_spool_exactly_once_and_empties_it(tmp_pa
             spool, f"http://127.0.0.1:{free_port()}", experiment,
             CREDIT_RISK_STALL_AFTER_S="3", CREDIT_RISK_FLUSH_INTERVAL_S="1",
         )  # fmt: skip
-        line = one_error_line(done)
+        line = drain_error(done)
         assert done.returncode == 1, done.stdout[-2000:]
         assert (
             "records left in" in line and "nothing could be shipped for 3 s" in line and "last error" in line
@@ -144,5 +142,5 @@ def test_drain_once_on_a_missing_folder_is_a_usage_error(tmp_path):
     done = credit_risk(
         "sidecar", "--drain-once", "--spool-dir", str(tmp_path / "nowhere"), tracking_uri="http://127.0.0.1:9"
     )
-    assert done.returncode == 2 and "does not exist" in one_error_line(done)
+    assert done.returncode == 2 and "does not exist" in drain_error(done)
     assert not (tmp_path / "nowhere").exists()

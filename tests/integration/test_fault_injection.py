@@ -39,6 +39,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from logging_sidecar.dead_letters import DEAD_LETTER_FILE
@@ -271,11 +272,22 @@ def _append_line(spool: Path, line: bytes) -> str:
 
 def _records_of_run(client: MlflowClient, run_id: str) -> set[str]:
     """Request ids in a run's batch files, read straight from its artifacts (the run is
-    deleted, so ``read_records`` no longer lists it)."""
+    deleted, so ``read_records`` no longer lists it).
+
+    The sidecar may still be at work on the run: a flush whose upload landed in it just before
+    the delete fails, and its retry deletes that file from the run and ships the batch into a
+    new one (``logging_sidecar.shipper``). A file gone between the listing and the download is
+    such a batch; its rows are not excused, so the read-back must find them in the new run."""
     ids = set()
     with tempfile.TemporaryDirectory() as directory:
         for artifact in client.list_artifacts(run_id, RECORDS_DIR):
-            local = client.download_artifacts(run_id, artifact.path, directory)
+            try:
+                local = client.download_artifacts(run_id, artifact.path, directory)
+            except MlflowException:
+                if artifact.path in {entry.path for entry in client.list_artifacts(run_id, RECORDS_DIR)}:
+                    raise  # still there: not the sidecar's clean-up, a real failure to read
+                print(f"{artifact.path} left the deleted run while it was read: moved by the sidecar")
+                continue
             ids |= set(pd.read_parquet(local, columns=["request_id"])["request_id"].astype(str))
     return ids
 

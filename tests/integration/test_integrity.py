@@ -34,9 +34,9 @@ from model.identity import HELD_OUT_ARTIFACT, PRODUCTION_STAGE, REGISTERED_MODEL
 from model.integrity import MANIFEST_ARTIFACT, MANIFEST_DIGEST_TAG
 from model.schema import FEATURES, TARGET
 from serving.settings import MODEL_NAME
-from tests.helpers import credit_risk, mlflow_tracking_server
+from tests.helpers import credit_risk, mlflow_tracking_server, one_error_line
 from tests.integration.test_following import Load, Server
-from tests.integration.test_promotion import cli, one_error_line, snapshot
+from tests.integration.test_promotion import cli, snapshot
 from tests.integration.test_serving import v2_body
 from tests.integrity_helpers import log_version, overwrite_stored_file, read_stored_file, tripwire_of_size
 from training import gate, registry, split

@@ -23,7 +23,14 @@ from mlflow.tracking import MlflowClient
 
 from model.identity import DATASET_HASH, PRODUCTION_ALIAS, REGISTERED_MODEL_NAME, TEST_ROC_AUC_TAG
 from stack.cli import main
-from tests.helpers import credit_risk, free_port, mlflow_tracking_server, running, serving_service
+from tests.helpers import (
+    credit_risk,
+    free_port,
+    mlflow_tracking_server,
+    one_error_line,
+    running,
+    serving_service,
+)
 from training import registry
 from training.promotion_history import ACTOR_VARIABLE, PromotionError
 from training.settings import DEFAULT_EXPERIMENT
@@ -119,15 +126,6 @@ def snapshot(client):
 def promote_all(client, *versions) -> None:
     for version in versions:
         registry.promote(client, version, actor="set-up", reason=f"set-up {version}", source="cli")
-
-
-def one_error_line(err: str) -> str:
-    """The one ``error:`` line, after the line naming the tracking server if there is one."""
-    lines = err.strip().splitlines()
-    if lines and lines[0].startswith("tracking server: "):
-        lines = lines[1:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def test_training_records_its_promotion_and_marks_the_experiment_as_model_training(client, trained_version):
