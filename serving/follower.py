@@ -121,7 +121,7 @@ class RegistryFollower:
 
     async def _load_and_swap(self, name: str, version: str) -> None:
         if self.served is None:
-            self.status = f"loading {name} version {version} ({self.uri})"
+            self.status = self._loading(name, version)
         logger.info(f"loading {name} version {version} ({self.uri} now names it)")
         started = time.perf_counter()
         try:
@@ -135,6 +135,18 @@ class RegistryFollower:
         self.status = f"serving {name} version {version} ({self.uri}){self._divergence_note()}"
         swapped = f"swapped out version {previous} for" if previous else "now serving"
         logger.info(f"{swapped} {name} version {version}, loaded in {time.perf_counter() - started:.1f} s")
+
+    def _loading(self, name: str, version: str) -> str:
+        """While nothing is served; a retry keeps the last failure in view, so that readiness
+        never hides why nothing is served behind a bare 'loading'."""
+        loading = f"loading {name} version {version} ({self.uri})"
+        failure = self._failures.get(version)
+        if failure is None:
+            return loading
+        return (
+            f"{loading}, attempt {failure.attempts + 1}; nothing is served: "
+            f"attempt {failure.attempts} failed: {failure.error}"
+        )
 
     def _record_failure(self, name: str, version: str, error: Exception) -> None:
         attempts = self._failures[version].attempts + 1 if version in self._failures else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +44,17 @@ DEFAULT_PORTS = frozenset(
 def free_port() -> int:
     """A free TCP port on loopback, never one of the stack's defaults."""
     return processes.free_port(avoid=DEFAULT_PORTS)
+
+
+# Where nobody answers: a port bound for the life of the test process and never listened on,
+# so a connection to it is refused at once. A port from free_port() would not do: it is free
+# only when asked, and a server that a parallel test starts may take it (CI saw a sidecar
+# meant to fail ship into another test's MLflow). Bound without SO_REUSEADDR, nothing else
+# can bind it, with or without that option.
+_REFUSING = socket.socket()
+_REFUSING.bind(("127.0.0.1", 0))
+REFUSED_PORT: int = _REFUSING.getsockname()[1]
+NOBODY_URL = f"http://127.0.0.1:{REFUSED_PORT}"
 
 
 @contextmanager

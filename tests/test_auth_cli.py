@@ -9,7 +9,7 @@ import stat
 from stack import auth_policy as policy
 from stack.auth_cli import main
 from stack.auth_files import read_credentials
-from tests.helpers import free_port
+from tests.helpers import NOBODY_URL
 
 
 def test_credentials_writes_every_identity_once(tmp_path, capsys):
@@ -32,7 +32,7 @@ def test_table_prints_one_row_per_grant(capsys):
 
 
 def test_provision_against_nothing_is_one_error_line(tmp_path, capsys):
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = NOBODY_URL
     code = main(["auth", "provision", "--tracking-uri", uri, "--credentials-dir", str(tmp_path / "auth")])
     err = capsys.readouterr().err
     assert (

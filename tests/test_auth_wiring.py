@@ -26,7 +26,7 @@ from stack.tracking_server import (
     mlflow_environment,
     prepare_auth,
 )
-from tests.helpers import free_port
+from tests.helpers import NOBODY_URL
 
 PG_URI = "postgresql+psycopg2://mlflow:s3cret@db:5432/mlflow"
 CREDENTIAL_VARIABLES = (
@@ -52,7 +52,7 @@ def clean_env(monkeypatch, tmp_path):
 
 def _auth_stack(home, auth=True, identities=policy.IDENTITIES):
     """A recorded local stack (no server: nothing here asks it) and its credentials files."""
-    local.record_stack(home, f"http://127.0.0.1:{free_port()}", 1, 2, 3, auth=auth)
+    local.record_stack(home, NOBODY_URL, 1, 2, 3, auth=auth)
     for identity in identities:
         path = local.auth_dir(home) / f"{identity}.env"
         path.parent.mkdir(parents=True, exist_ok=True)

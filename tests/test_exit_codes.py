@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from tests.helpers import BIN, free_port
+from tests.helpers import BIN, NOBODY_URL
 
-NOWHERE = f"http://127.0.0.1:{free_port()}"
+NOWHERE = NOBODY_URL
 
 
 def run(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:

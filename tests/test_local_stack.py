@@ -13,7 +13,7 @@ from stack.local import (
     find_tracking_server,
     record_stack,
 )
-from tests.helpers import free_port
+from tests.helpers import NOBODY_URL
 
 
 def test_the_record_round_trips_and_an_unreadable_one_is_none(tmp_path):
@@ -37,14 +37,14 @@ def test_the_record_round_trips_and_an_unreadable_one_is_none(tmp_path):
 
 
 def test_the_variable_wins_and_is_not_probed(tmp_path):
-    record_stack(tmp_path, f"http://127.0.0.1:{free_port()}", 1, 2, 3)
+    record_stack(tmp_path, NOBODY_URL, 1, 2, 3)
     named = StackSettings(home=tmp_path, tracking_uri="http://mlflow:5000")
     server = find_tracking_server(named)
     assert (server.uri, server.why, server.stack) == ("http://mlflow:5000", "MLFLOW_TRACKING_URI", None)
 
 
 def test_a_recorded_stack_that_does_not_answer_is_named(tmp_path):
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = NOBODY_URL
     record_stack(tmp_path, uri, 1, 2, 3)
     with pytest.raises(TrackingServerNotFound) as raised:
         find_tracking_server(StackSettings(home=tmp_path, tracking_uri=None))

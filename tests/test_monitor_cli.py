@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 
 from stack.cli import main
-from tests.helpers import free_port
+from tests.helpers import NOBODY_URL
 
 
 @pytest.fixture(autouse=True)
 def nowhere(monkeypatch):
     for name in ("CREDIT_RISK_MONITOR_WINDOW", "CREDIT_RISK_MONITOR_EVERY", "CREDIT_RISK_MONITOR_PSI_WARN"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", NOBODY_URL)
 
 
 def run(capsys, *argv: str) -> tuple[int, list[str]]:

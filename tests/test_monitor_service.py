@@ -25,7 +25,7 @@ from monitoring.service import MlflowProbe, MonitorService
 from monitoring.settings import MonitorSettings, format_duration, parse_duration
 from monitoring.window import monitor_window
 from stack.errors import settings_errors
-from tests.helpers import free_port
+from tests.helpers import NOBODY_URL
 from training.data import load_training_data
 
 
@@ -146,7 +146,7 @@ def test_before_any_window_only_the_process_is_exported():
 
 
 def unreachable() -> MlflowProbe:
-    probe = MlflowProbe(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    probe = MlflowProbe(NOBODY_URL)  # nothing listens there
     probe.current = probe.check()
     return probe
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from serving.settings import ServingSettings
-from tests.helpers import BIN, free_port
+from tests.helpers import BIN, NOBODY_URL, free_port
 
 
 def serve(tmp_path, ports: dict[str, int] | None = None, **env) -> subprocess.CompletedProcess:
@@ -20,7 +20,7 @@ def serve(tmp_path, ports: dict[str, int] | None = None, **env) -> subprocess.Co
     flags = [f"--{name}-port={ports.get(name) or free_port()}" for name in ("http", "grpc", "metrics")]
     return subprocess.run(
         [str(BIN / "credit-risk"), "serve", *flags],
-        env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", **env},
+        env={**os.environ, "MLFLOW_TRACKING_URI": NOBODY_URL, **env},
         capture_output=True,
         text=True,
         timeout=120,

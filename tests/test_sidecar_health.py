@@ -14,7 +14,7 @@ from logging_sidecar.service import Sidecar
 from logging_sidecar.settings import SidecarSettings
 from serving.capture import SpoolWriter
 from serving.spool_format import SpoolSettings
-from tests.helpers import free_port
+from tests.helpers import NOBODY_URL, free_port
 
 RULES = HealthRules(liveness_after_s=600, stall_after_s=120)
 QUIET = Snapshot(
@@ -95,7 +95,7 @@ def test_liveness_fails_only_when_the_loop_stopped_turning():
 
 @pytest.fixture
 def loop(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", NOBODY_URL)  # nobody there
     settings = SidecarSettings(spool=SpoolSettings(directory=tmp_path / "spool"), port=free_port())
     sidecar = Sidecar(settings)
     rules = HealthRules(settings.liveness_after_s, settings.stall_after_s)

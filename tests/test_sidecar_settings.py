@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from logging_sidecar.faults import FAULT_POINTS, FaultPoints
 from logging_sidecar.settings import SidecarSettings
 from serving.spool_format import SpoolSettings
-from tests.helpers import BIN, free_port
+from tests.helpers import BIN, NOBODY_URL
 
 _DOC_ROW = re.compile(r"^\| ``(CREDIT_RISK_\w+)``")
 
@@ -150,7 +150,7 @@ def _sidecar(*args: str, **environment: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("CREDIT_RISK_", "MLFLOW_"))}
     # A tracking server named (nobody answers there): the command looks for it before reading
     # its settings, and without one it would stop at that (exit 1) in a folder with no stack.
-    clean["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
+    clean["MLFLOW_TRACKING_URI"] = NOBODY_URL
     return subprocess.run(
         [str(BIN / "credit-risk"), "sidecar", *args],
         env={**clean, **environment},

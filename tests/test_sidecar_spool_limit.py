@@ -11,7 +11,7 @@ from logging_sidecar.state import State
 from model.schema import FEATURES
 from serving.capture import SpoolWriter
 from serving.spool_format import SpoolSettings, encode
-from tests.helpers import free_port
+from tests.helpers import NOBODY_URL
 
 IDENTITY = {
     "model_name": "credit-risk",
@@ -52,7 +52,7 @@ def test_oldest_segments_are_dropped_first_when_mlflow_is_unreachable(tmp_path, 
         max_batch_records=5,
         flush_interval_s=1,
     )
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", NOBODY_URL)  # nobody there
     sidecar = Sidecar(settings)
     with caplog.at_level(logging.WARNING):
         sidecar.step()
@@ -75,7 +75,7 @@ def test_a_planned_flush_is_never_trimmed_before_its_replay(tmp_path, monkeypatc
     flush first, and the replay then overwrote a delivered batch with fewer rows."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", NOBODY_URL)  # nobody there
     line = _one_row_line()
     writer = SpoolWriter(SpoolSettings(directory=tmp_path, segment_max_bytes=len(line) * 10))
     for _ in range(100):

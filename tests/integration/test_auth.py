@@ -31,7 +31,7 @@ from stack import auth_policy as policy
 from stack.auth import ProvisioningError, provision
 from stack.auth_files import ADMIN_PASSWORD_VARIABLE, Credentials, identity_file, read_credentials
 from tests.auth_helpers import As, auth_tracking_server, identity_env, python_as
-from tests.helpers import BIN, SAMPLE, free_port, mlflow_tracking_server
+from tests.helpers import BIN, NOBODY_URL, SAMPLE, mlflow_tracking_server
 
 pytestmark = pytest.mark.integration
 
@@ -505,7 +505,7 @@ def test_operator_promotes_rolls_back_and_writes_only_outcomes(auth_stack):
 
     promoted = credit_risk_as_operator("promote", "--version", "2", "--reason", "auth test")
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
-    status = credit_risk_as_operator("status", "--json", "--server", f"http://127.0.0.1:{free_port()}")
+    status = credit_risk_as_operator("status", "--json", "--server", NOBODY_URL)
     assert status.returncode == 0, status.stdout + status.stderr
     assert json.loads(status.stdout)["production"]["version"] == "2"
     rolled = credit_risk_as_operator("rollback", "--reason", "auth test")
@@ -663,7 +663,7 @@ def test_a_models_uri_download_carries_a_file_of_the_clients_own(auth_stack, tmp
 
 
 def test_provisioning_errors_are_one_line(auth_stack, tmp_path):
-    nowhere = f"http://127.0.0.1:{free_port()}"
+    nowhere = NOBODY_URL
     with pytest.raises(ProvisioningError, match=f"tracking server at {nowhere} did not answer"):
         provision(nowhere, auth_stack.credentials_dir, environ={})
     wrong = tmp_path / "auth"

@@ -25,7 +25,14 @@ from logging_sidecar.spool import list_segments
 from serving.capture import SpoolWriter
 from serving.spool_format import SpoolSettings, live_writers
 from stack import processes, services
-from tests.helpers import credit_risk, free_port, mlflow_tracking_server, one_error_line, wait_for_log_line
+from tests.helpers import (
+    NOBODY_URL,
+    credit_risk,
+    free_port,
+    mlflow_tracking_server,
+    one_error_line,
+    wait_for_log_line,
+)
 from tests.integration.spool_records import REPLICA, WriterProcess, Written, assert_exactly
 
 pytestmark = pytest.mark.integration
@@ -111,7 +118,7 @@ def test_drain_once_ships_a_left_behind_spool_exactly_once_and_empties_it(tmp_pa
         # MLflow unreachable: gives up after CREDIT_RISK_STALL_AFTER_S, says what is left.
         started = time.monotonic()
         done = drain_once(
-            spool, f"http://127.0.0.1:{free_port()}", experiment,
+            spool, NOBODY_URL, experiment,
             CREDIT_RISK_STALL_AFTER_S="3", CREDIT_RISK_FLUSH_INTERVAL_S="1",
         )  # fmt: skip
         line = drain_error(done)

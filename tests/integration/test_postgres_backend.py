@@ -35,7 +35,7 @@ from serving.settings import MODEL_NAME, SERVING_DIR
 from stack import auth_policy as policy
 from stack import processes, services
 from stack.auth import provision
-from tests.helpers import credit_risk, free_port, running, serving_service
+from tests.helpers import REFUSED_PORT, credit_risk, free_port, running, serving_service
 
 pytestmark = pytest.mark.integration
 
@@ -243,7 +243,7 @@ def test_an_unknown_database_is_refused_at_once(postgres, tmp_path):
 
 
 def test_an_unreachable_database_is_one_clear_line(postgres, tmp_path):
-    nobody = postgres.url(port=free_port())
+    nobody = postgres.url(port=REFUSED_PORT)
     at_once = _tracking_server("--artifacts-destination", str(tmp_path), "--backend-store-uri", nobody)
     _assert_one_error_line(at_once, "Connection refused")
     waited = _tracking_server("--artifacts-destination", str(tmp_path), "--backend-store-uri", nobody,

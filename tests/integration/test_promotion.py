@@ -24,8 +24,8 @@ from mlflow.tracking import MlflowClient
 from model.identity import DATASET_HASH, PRODUCTION_ALIAS, REGISTERED_MODEL_NAME, TEST_ROC_AUC_TAG
 from stack.cli import main
 from tests.helpers import (
+    NOBODY_URL,
     credit_risk,
-    free_port,
     mlflow_tracking_server,
     one_error_line,
     running,
@@ -224,7 +224,7 @@ def test_a_change_made_in_the_mlflow_ui_is_reported_and_becomes_history(fresh, c
         client.transition_model_version_stage(NAME, "3", "Production", archive_existing_versions=True)
     before = snapshot(client)
 
-    code, out, err = cli(capsys, "status", "--json", "--server", f"http://127.0.0.1:{free_port()}")
+    code, out, err = cli(capsys, "status", "--json", "--server", NOBODY_URL)
     assert code == 0, err
     report = json.loads(out)
     assert report["production"]["version"] == "3" and report["production"]["promotion"] is None
@@ -233,7 +233,7 @@ def test_a_change_made_in_the_mlflow_ui_is_reported_and_becomes_history(fresh, c
     ]
     assert report["divergences"] == ["stage Production is v3 but alias production points at v2"]
     assert report["rollback_target"] == "2"
-    code, text, _ = cli(capsys, "status", "--server", f"http://127.0.0.1:{free_port()}")
+    code, text, _ = cli(capsys, "status", "--server", NOBODY_URL)
     assert "! v3 in Production without a promotion record: changed outside credit-risk (MLflow UI?)" in text
     assert "! stage Production is v3 but alias production points at v2" in text
     assert snapshot(client) == before, "status must not repair anything"
@@ -261,7 +261,7 @@ def test_an_alias_moved_by_hand_is_reported_never_repaired(fresh, capsys):
     promote_all(client, 1, 2)
     client.set_registered_model_alias(NAME, PRODUCTION_ALIAS, "1")
     before = snapshot(client)
-    report = status_json(capsys, f"http://127.0.0.1:{free_port()}")
+    report = status_json(capsys, NOBODY_URL)
     assert report["divergences"] == ["stage Production is v2 but alias production points at v1"]
     assert report["outside_changes"] == []
     assert snapshot(client) == before
@@ -351,7 +351,7 @@ def test_no_registered_model_is_a_clear_error(client, capsys, trained_uri):
 
 
 def test_unreachable_mlflow_is_a_clear_error(client, capsys, monkeypatch):
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = NOBODY_URL
     result = credit_risk("status", tracking_uri=uri, timeout=120)
     assert result.returncode == 1
     assert result.stderr.startswith(f"tracking server: {uri} (MLFLOW_TRACKING_URI)\n"), result.stderr
@@ -366,7 +366,7 @@ def test_status_shows_what_a_live_server_serves(fresh, capsys, monkeypatch, trai
     client = fresh(2)
     promote_all(client, 1, 2)
     service, ports = serving_service(trained_uri, workers=0)
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = NOBODY_URL
     with running(service, tmp_path):
         monkeypatch.setenv("MLSERVER_HTTP_PORT", str(ports["http"]))  # the default server
         code, text, err = cli(capsys, "status")

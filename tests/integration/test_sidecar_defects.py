@@ -27,7 +27,7 @@ from model.schema import FEATURES
 from serving.capture import SpoolWriter
 from serving.spool_format import FORMAT_VERSION, SpoolSettings, encode
 from stack import processes, services
-from tests.helpers import free_port
+from tests.helpers import NOBODY_URL, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -225,7 +225,7 @@ def test_groups_differing_only_in_training_data_or_replica_keep_their_own_runs(s
 
 def test_shipping_health_says_stalled_while_liveness_stays_up(shipping):
     """Defect 12: on main /health said "ok" whatever happened."""
-    shipping.tracking_uri = f"http://127.0.0.1:{free_port()}"  # nobody there
+    shipping.tracking_uri = NOBODY_URL  # nobody there
     shipping.write(2)
     shipping.start()
     shipping.wait_for(lambda h: h["status"] == "stalled", "a stall reported")
@@ -301,7 +301,7 @@ def test_sigterm_waits_for_the_writer_then_ships_everything_and_exits_0(shipping
 
 def test_what_a_drain_cannot_ship_is_counted_and_ships_on_the_next_start(shipping):
     reachable = shipping.tracking_uri
-    shipping.tracking_uri = f"http://127.0.0.1:{free_port()}"  # nobody there
+    shipping.tracking_uri = NOBODY_URL  # nobody there
     shipping.write(4)
     shipping.writer.close()
     shipping.start(CREDIT_RISK_SIDECAR_DRAIN_S="2")
@@ -374,7 +374,7 @@ def test_a_spool_that_filled_its_disk_ships_everything_it_kept(shipping, small_d
     shipping.writer.close()
     shipping.writer = SpoolWriter(SpoolSettings(directory=small_disk, segment_max_bytes=1 << 20))
     reachable = shipping.tracking_uri
-    shipping.tracking_uri = f"http://127.0.0.1:{free_port()}"  # nothing ships while it fills
+    shipping.tracking_uri = NOBODY_URL  # nothing ships while it fills
     big_batches = {"CREDIT_RISK_FLUSH_RECORDS": "1000", "CREDIT_RISK_MAX_BATCH_RECORDS": "10000"}
     shipping.start(**big_batches)
     while True:

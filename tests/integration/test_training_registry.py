@@ -132,9 +132,9 @@ def test_bad_data_is_refused_and_nothing_is_logged(own_tracking_uri, tmp_path):
 
 
 def test_unreachable_tracking_server_is_a_clear_error(sample_path):
-    from tests.helpers import free_port
+    from tests.helpers import NOBODY_URL
 
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = NOBODY_URL
     result = credit_risk("train", "--data", str(sample_path), tracking_uri=uri, timeout=60)
     assert result.returncode == 1
     assert f"MLflow tracking server at {uri} is not reachable" in result.stderr
