@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 
+import mlflow
 import pytest
 
 # One OpenMP thread for every process the tests start: the servers share two cores, and
@@ -99,6 +100,22 @@ def _no_leaked_active_experiment():
     after = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if after != before:
         pytest.fail(f"this test left MLFLOW_EXPERIMENT_ID={after!r} set: use an explicit experiment_id")
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """``mlflow.set_tracking_uri`` sets a process-wide URI that wins over MLFLOW_TRACKING_URI
+    (and exports that variable too). A later test in the same xdist worker that points MLflow
+    elsewhere through the variable then talks to the earlier test's server: CI saw a sidecar
+    meant to find nobody ship into another module's MLflow. Each test ends with the URI as it
+    began (a module fixture's URI is exported, so the variable carries it)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(None)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture(scope="session")
