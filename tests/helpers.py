@@ -41,9 +41,46 @@ DEFAULT_PORTS = frozenset(
 )
 
 
+# Ports for the servers tests start. A port the kernel calls free (bind to port 0) is free only
+# when asked: a server that a parallel worker starts a moment later may be handed the same
+# one, and CI saw a module's MLflow server lose its port that way while its tests went on
+# talking to another test's server, with auth on. So each xdist worker hands out ports from
+# a block of its own, below the kernel's ephemeral range (where bind-to-0 and outgoing
+# connections take theirs), one after another from a random start (two sessions on one
+# machine stay apart), skipping any port bound at the moment.
+_PORT_BLOCK, _FIRST_PORT = 1000, 20000
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other kernels start higher
+
+
+_BLOCKS = max(1, (_ephemeral_ports_start() - _FIRST_PORT) // _PORT_BLOCK)
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+_BLOCK_START = _FIRST_PORT + (_WORKER % _BLOCKS) * _PORT_BLOCK
+_next_offset = int.from_bytes(os.urandom(2)) % _PORT_BLOCK
+_port_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A free TCP port on loopback, never one of the stack's defaults."""
-    return processes.free_port(avoid=DEFAULT_PORTS)
+    """A TCP port free on loopback now, from this worker's own block; never a default port."""
+    global _next_offset
+    with _port_lock:
+        for _ in range(_PORT_BLOCK):
+            port = _BLOCK_START + _next_offset
+            _next_offset = (_next_offset + 1) % _PORT_BLOCK
+            if port in DEFAULT_PORTS:
+                continue
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError(f"no free port in {_BLOCK_START}-{_BLOCK_START + _PORT_BLOCK - 1}")
 
 
 # Where nobody answers: a port bound for the life of the test process and never listened on,

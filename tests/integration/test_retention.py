@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -46,15 +46,9 @@ WINDOW = 3
 KEPT_DAYS, PRUNED_DAYS = (0, 1, 2), (4, 6, 9)
 
 
-def moment(days_ago: int) -> datetime:
+def moment(days_ago: int, today: date) -> datetime:
     """A record's time: noon of that day, or a minute ago for today (noon may be ahead)."""
-    return datetime.now(UTC) - timedelta(minutes=1) if days_ago == 0 else noon_days_ago(days_ago)
-
-
-def day_of(timestamp_ns: int) -> int:
-    """Days ago (UTC) of a timestamp, by plain date arithmetic."""
-    day = datetime.fromtimestamp(timestamp_ns // 10**9, tz=UTC).date()
-    return (datetime.now(UTC).date() - day).days
+    return datetime.now(UTC) - timedelta(minutes=1) if days_ago == 0 else noon_days_ago(days_ago, today)
 
 
 class Server:
@@ -82,12 +76,20 @@ class Case:
             SpoolSettings(directory=self.spool, replica=REPLICA, segment_max_bytes=20000)
         )
         self.written = Written()
+        # Days ago count from the day the case began, and each row keeps the count it was
+        # written with: a test that runs across midnight UTC writes and checks the same days.
+        self.today = datetime.now(UTC).date()
+        self.days_ago: list[int] = []  # of each row of self.written
         self.port = free_port()
         self.sidecar = None
 
     def write(self, days_ago: int, count: int = 1) -> None:
         for _ in range(count):
-            self.written.append(self.writer, moment(days_ago))
+            self.written.append(self.writer, self.moment(days_ago))
+            self.days_ago += [days_ago] * (len(self.written.rows) - len(self.days_ago))
+
+    def moment(self, days_ago: int) -> datetime:
+        return moment(days_ago, self.today)
 
     def start_sidecar(self, **env) -> None:
         env = {
@@ -130,8 +132,10 @@ class Case:
         return records
 
     def rows(self, days) -> pd.DataFrame:
+        """The rows written for those days ago. Not re-derived from their timestamps: after
+        midnight UTC, a row written as today's is yesterday's (CI once failed that way)."""
         rows = self.written.frame()
-        return rows[rows["timestamp_ns"].map(day_of).isin(days)]
+        return rows[pd.Series(self.days_ago, index=rows.index).isin(days)]
 
     def runs(self, view=ViewType.ALL) -> list:
         experiment = self.server.client.get_experiment_by_name(self.experiment).experiment_id
@@ -220,7 +224,9 @@ def test_a_late_record_for_a_pruned_day_ships_to_a_new_run_and_goes_next_time_if
     case.write(1, 5)
     case.start_sidecar()
     case.wait_shipped()
-    [old_run] = [r.info.run_id for r in case.runs() if r.data.tags["day"] == moment(6).date().isoformat()]
+    [old_run] = [
+        r.info.run_id for r in case.runs() if r.data.tags["day"] == case.moment(6).date().isoformat()
+    ]
     assert "1 runs (1 record files)" in case.prune().stdout
     assert case.server.client.get_run(old_run).info.lifecycle_stage == "deleted"
 
@@ -276,7 +282,7 @@ def test_a_prune_killed_in_the_middle_is_finished_by_the_next_and_reads_work_bet
         CREDIT_RISK_FLUSH_RECORDS="2", CREDIT_RISK_MAX_BATCH_RECORDS="2",  # two files per run
     )  # fmt: skip
     assert drained.returncode == 0, drained.stdout[-3000:] + drained.stderr
-    old_days = {moment(d).date().isoformat() for d in (4, 5, 6)}
+    old_days = {case.moment(d).date().isoformat() for d in (4, 5, 6)}
     old_runs = {r.info.run_id for r in case.runs() if r.data.tags["day"] in old_days}
     assert len(old_runs) == 3 and len(case.runs()) == 5
     kept = case.rows((0, 1))
