@@ -10,7 +10,6 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -151,6 +150,7 @@ def drain_once(settings) -> int:
     from logging_sidecar.drain_once import SpoolInUse
     from logging_sidecar.drain_once import drain_once as drain
     from logging_sidecar.service import SpoolBusy
+    from logging_sidecar.stop_flag import StopFlag
 
     spool = settings.spool.directory
     if not spool.is_dir():
@@ -160,7 +160,7 @@ def drain_once(settings) -> int:
         )
         return 2
     _log_to(sys.stdout)
-    stop = threading.Event()
+    stop = StopFlag()  # set by the handler below: no lock (see logging_sidecar.stop_flag)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:

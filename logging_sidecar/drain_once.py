@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 
 from logging_sidecar.faults import FaultHook, no_faults
 from logging_sidecar.service import POLL_INTERVAL_S, Sidecar, lock_spool
 from logging_sidecar.settings import SidecarSettings
+from logging_sidecar.stop_flag import StopFlag
 from serving.spool_format import live_writers
 
 logger = logging.getLogger("credit_risk.sidecar")
@@ -52,11 +52,11 @@ def _refuse_live_writers(spool) -> None:
 
 
 def drain_once(
-    settings: SidecarSettings, faults: FaultHook = no_faults, stop: threading.Event | None = None
+    settings: SidecarSettings, faults: FaultHook = no_faults, stop: StopFlag | None = None
 ) -> Drained:
     """Ship the spool until it is empty; raises ``SpoolBusy`` or ``SpoolInUse`` before
     shipping anything when another process uses it."""
-    stop = stop or threading.Event()
+    stop = stop or StopFlag()
     # Fail and retry on our own schedule rather than inside MLflow's long client retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

@@ -26,7 +26,6 @@ import fcntl
 import logging
 import os
 import signal
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +46,7 @@ from logging_sidecar.settings import SidecarSettings
 from logging_sidecar.shipper import Shipper, group_by_run
 from logging_sidecar.spool import list_segments
 from logging_sidecar.state import Flush, State
+from logging_sidecar.stop_flag import StopFlag
 from serving.spool_format import live_writers
 
 logger = logging.getLogger("credit_risk.sidecar")
@@ -141,7 +141,7 @@ class Sidecar:
         self.pending_since: float | None = None
         self.turned_at = time.monotonic()
         self.progress_at = time.time()  # last commit, or start
-        self.stopping = threading.Event()
+        self.stopping = StopFlag()  # set by the SIGTERM handler: no lock (see stop_flag)
         self.draining = False
         self.snapshot = self._publish()
 
@@ -359,7 +359,7 @@ def run_sidecar(settings: SidecarSettings, faults: FaultHook = no_faults) -> Non
     rules = HealthRules(liveness_after_s=settings.liveness_after_s, stall_after_s=settings.stall_after_s)
     server = serve_http(settings.host, settings.port, rules, lambda: sidecar.snapshot, sidecar.metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sidecar.stopping.set())
+        signal.signal(sig, lambda *_: sidecar.stopping.set())  # a StopFlag: safe in a handler
     logger.info(
         f"shipping {settings.spool.directory} to experiment '{settings.experiment}' "
         f"(flush at {settings.flush_records} records or {settings.flush_interval_s:g} s); "

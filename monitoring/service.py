@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 
 import httpx
 
+from logging_sidecar.stop_flag import StopFlag
 from model.identity import utc_timestamp
 from monitoring.http import serve_http
 from monitoring.job import MonitoredWindow
@@ -129,7 +130,7 @@ class MonitorService:
         self._compute = compute
         self.probe = probe
         self._after_window = list(after_window)
-        self.stopping = threading.Event()
+        self.stopping = StopFlag()  # set by the SIGTERM handler: no lock (see stop_flag)
         now = time.time()
         self.snapshot = Snapshot(
             started_at=now,
@@ -300,8 +301,10 @@ def run_service(service: MonitorService, model: str) -> None:
         raise ServiceStartError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     service.probe.start()
 
-    def stop(signum, _frame):
-        logger.info(f"signal {signal.Signals(signum).name}: stopping after this step")
+    received: list[int] = []
+
+    def stop(signum, _frame):  # no logging here: a handler may run in the middle of a log write
+        received.append(signum)
         service.stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
@@ -314,6 +317,8 @@ def run_service(service: MonitorService, model: str) -> None:
     )
     try:
         service.run()
+        if received:
+            logger.info(f"signal {signal.Signals(received[0]).name}: stopped after the step in progress")
     finally:
         service.probe.stop()
         server.shutdown()

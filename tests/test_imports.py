@@ -27,8 +27,15 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "serving": frozenset({"model"}),
     "logging_sidecar": frozenset({"model", "serving.spool_format"}),
     # logging_sidecar.settings: the records' experiment and its variable are the sidecar's.
+    # logging_sidecar.stop_flag: the one stop request a signal handler may set, in both services.
     "monitoring": frozenset(
-        {"model", "logging_sidecar.reader", "logging_sidecar.records", "logging_sidecar.settings"}
+        {
+            "model",
+            "logging_sidecar.reader",
+            "logging_sidecar.records",
+            "logging_sidecar.settings",
+            "logging_sidecar.stop_flag",
+        }
     ),
     # Issue 20: healing orchestrates: it reads records and outcomes, runs monitoring's windows,
     # trains and gates with training's own code. Nothing imports it but the CLI layer.
