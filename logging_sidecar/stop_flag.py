@@ -8,7 +8,8 @@ the process hangs for good, and ignores every later SIGTERM, since each runs the
 A supervised sidecar did that in CI; the Python docs warn against locks in handlers.
 
 ``StopFlag`` holds no lock: ``set()`` writes one attribute, and ``wait()`` sleeps in short
-slices, checking it in between (a signal cuts a slice short; the handler runs at once).
+slices, checking it in between. The handler still runs at once; ``time.sleep`` then finishes
+its slice (PEP 475), so a waiter sees the request within one slice.
 """
 
 from __future__ import annotations

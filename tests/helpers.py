@@ -85,9 +85,8 @@ def free_port() -> int:
 
 # Where nobody answers: a port bound for the life of the test process and never listened on,
 # so a connection to it is refused at once. A port from free_port() would not do: it is free
-# only when asked, and a server that a parallel test starts may take it (CI saw a sidecar
-# meant to fail ship into another test's MLflow). Bound without SO_REUSEADDR, nothing else
-# can bind it, with or without that option.
+# only when asked, and a server that another test starts later may take it. Bound without
+# SO_REUSEADDR, nothing else can bind it, with or without that option.
 _REFUSING = socket.socket()
 _REFUSING.bind(("127.0.0.1", 0))
 REFUSED_PORT: int = _REFUSING.getsockname()[1]
