@@ -54,11 +54,14 @@ def header_length(value: str, body_size: int) -> int:
     text = value.strip()
     if not text.isascii() or not text.isdecimal():
         raise InvalidRequest(f"{HEADER_LENGTH}: expected a number of bytes, got {show(value)}")
-    length = int(text)
-    if length > body_size:
+    digits = text.lstrip("0") or "0"
+    # Compared by length before int(): CPython refuses int() of more than 4,300 digits.
+    if len(digits) > len(str(body_size)) or int(digits) > body_size:
+        stated = digits if len(digits) <= 20 else f"a {len(digits)}-digit number"
         raise InvalidRequest(
-            f"{HEADER_LENGTH} is {length}, past the end of the body ({body_size} bytes): is the body truncated?"
+            f"{HEADER_LENGTH} is {stated}, past the end of the body ({body_size} bytes): is the body truncated?"
         )
+    length = int(digits)
     if length == 0:
         # Triton's "raw binary request": one input, no JSON header. This model has several.
         raise InvalidRequest(

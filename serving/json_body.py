@@ -16,7 +16,8 @@ Invariants:
   never to a float: no infinite value passes as a number by accident, and the value checks
   (``serving.v2``) refuse them naming the input and the row. A number beyond the float64
   range (``1e400``) decodes to a float infinity, which the same checks refuse as too large.
-- Every failure is an ``InvalidRequest`` (HTTP 400) with one line saying where and what.
+- Every failure is an ``InvalidRequest`` (HTTP 400) with one line saying where and what, the
+  integer literal too long for Python's ``int`` (4,300 digits by default) included.
 - CPython's cyclic garbage collector is paused while a body is parsed (see ``_collector_paused``).
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -82,6 +84,12 @@ def loads(body: bytes | bytearray | memoryview, what: str = "the body", after_js
             raise InvalidRequest(f"{what} is not JSON: {error}{hint}") from None
         except RecursionError:
             raise InvalidRequest(f"{what} is nested too deeply to be a request") from None
+        except ValueError:
+            # Not a JSONDecodeError (caught above, a subclass): CPython refuses to turn an
+            # integer literal of more than sys.get_int_max_str_digits() digits into an int.
+            raise InvalidRequest(
+                f"{what} has an integer of more than {sys.get_int_max_str_digits()} digits"
+            ) from None
 
 
 @contextmanager

@@ -84,3 +84,8 @@ def test_deep_nesting_is_400(records, depth):
 
 def test_a_body_that_is_not_json_is_400():
     assert refused(b"{nope").startswith("the body is not JSON: Expecting property name")
+
+
+def test_an_integer_too_long_for_python_is_400_not_a_crash():
+    body = b'[{"age": ' + b"4" * 5000 + b"}]"  # orjson refuses it, and so does Python's int()
+    assert refused(body) == "the body has an integer of more than 4300 digits"

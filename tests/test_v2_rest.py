@@ -329,6 +329,11 @@ def test_a_header_length_past_the_end_is_400(rows):
         (lambda b, n: (b, "12x"), 'Inference-Header-Content-Length: expected a number of bytes, got "12x"'),
         (lambda b, n: (b, "-1"), 'Inference-Header-Content-Length: expected a number of bytes, got "-1"'),
         (lambda b, n: (b, "0"), "Inference-Header-Content-Length is 0 (a raw binary request"),
+        (lambda b, n: (b, "000"), "Inference-Header-Content-Length is 0 (a raw binary request"),
+        (
+            lambda b, n: (b, "9" * 5000),
+            "Inference-Header-Content-Length is a 5000-digit number, past the end",
+        ),
         (lambda b, n: (b, str(int(n) - 1)), "the JSON header is not JSON"),
         (
             lambda b, n: (b, None),
@@ -408,6 +413,8 @@ def with_input(index: int, **change) -> bytes:
          "inputs[0].parameters.shared_memory_region: shared memory is not supported"),
         (b'{"inputs": [}', "the body is not JSON: Expecting value: line 1 column 13 (char 12)"),
         (b'{"inputs": [\xff]}', "the body is not UTF-8 text: byte 12 is 0xff"),
+        # orjson refuses it (beyond 64 bits), and Python's int() past 4,300 digits.
+        (b'{"inputs": [' + b"7" * 5000 + b"]}", "the body has an integer of more than 4300 digits"),
     ],
 )  # fmt: skip
 def test_malformed_requests_say_where_and_what_in_one_line(body, message):

@@ -21,6 +21,7 @@ import pytest
 import tritonclient.http as triton
 from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc.dataplane_pb2_grpc import GRPCInferenceServiceStub
+from tritonclient.utils import InferenceServerException
 
 from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
 from serving.settings import MODEL_NAME
@@ -269,9 +270,9 @@ def test_infinity_is_400_naming_the_input_and_the_row_on_every_route(server, row
     message = "input 'DebtRatio': row 2 is Infinity; expected a finite number"
     for binary in (False, True):
         client = triton.InferenceServerClient(url=f"127.0.0.1:{server['http']}")
-        with pytest.raises(Exception) as refused:
+        with pytest.raises(InferenceServerException) as refused:
             client.infer(MODEL_NAME, triton_inputs(frame, binary))
-        assert message in str(refused.value)
+        assert refused.value.status() == "400" and message in refused.value.message()
     predict = json.dumps(frame.to_dict(orient="records")).encode()
     response = httpx.post(server["url"] + "/predict", content=predict, timeout=30)
     assert response.status_code == 400

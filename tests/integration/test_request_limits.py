@@ -131,12 +131,21 @@ def test_a_compressed_body_within_the_limit_is_answered_like_the_plain_one(serve
     assert plain.content == packed.content
 
 
-def test_the_body_and_grpc_message_limits_follow_the_setting(small):
+def test_the_body_and_grpc_message_limits_follow_the_setting(small, sample):
     over = b" " * (SMALL_BODY + 1)
     response = httpx.post(small["url"] + INFER, content=over, timeout=30)
     assert response.status_code == 413
     assert (
         f"the body is {SMALL_BODY + 1} bytes, over this server's limit of {SMALL_BODY} bytes" in response.text
+    )
+    # A binary body counts whole, JSON header and raw tensors (80 bytes a row here).
+    binary_body, headers = triton_body(tiled(sample, SMALL_BODY // 80 + 1), binary=True)
+    assert len(binary_body) > SMALL_BODY
+    response = httpx.post(small["url"] + INFER, content=binary_body, headers=headers, timeout=30)
+    assert response.status_code == 413
+    assert (
+        f"the body is {len(binary_body)} bytes, over this server's limit of {SMALL_BODY} bytes"
+        in response.text
     )
     inputs = [grpc_tensor(name, np.zeros(SMALL_BODY // 8 // len(FEATURES) + 100)) for name in FEATURES]
     answer = triton_grpc(small["grpc"], [{"id": "big", "inputs": inputs}])["big"]
