@@ -378,11 +378,11 @@ class _Flow:
         version = str(candidate.version.version)
         command = f"credit-risk promote --version {version} --reason 'reviewed challenger v{version}'"
         if self.result.mode == MANUAL:
-            registry.tag_version(self.client, version, {T.CHALLENGER: T.WAITING})
+            self.leave_waiting(version)
             raise _End(T.WAITING, f"waiting for an operator (mode manual): {command}")
         current = registry.production_version(self.client)
         if current is None or str(current.version) != str(production.version):
-            registry.tag_version(self.client, version, {T.CHALLENGER: T.WAITING})
+            self.leave_waiting(version)
             now = f"v{current.version}" if current else "nothing"
             raise _End(
                 T.WAITING,
@@ -404,6 +404,20 @@ class _Flow:
             f"promoted v{version} to Production (mode auto, source heal), replacing v{production.version}; "
             "serving follows the registry",
         )
+
+    def leave_waiting(self, version: str) -> None:
+        """Tag ``version`` waiting for an operator, and any challenger that waited before it
+        superseded: at most one challenger waits at a time (the policy's one in flight), the
+        newest, trained on the most recent rows and gated against Production as it is now. An
+        operator may still promote a superseded version by its number."""
+        registry.tag_version(self.client, version, {T.CHALLENGER: T.WAITING})
+        state = registry.read_state(self.client)
+        for number, older in sorted(state.versions.items(), key=lambda item: int(item[0])):
+            if number != version and T.is_waiting(number, older.tags, state.holder):
+                registry.tag_version(
+                    self.client, number, {T.CHALLENGER: T.SUPERSEDED, T.SUPERSEDED_BY: version}
+                )
+                self.say(f"v{number}, the challenger that waited before, is superseded by v{version}")
 
     def run(self, locked: bool, lock_path: Path) -> None:
         self.take_lease(locked, lock_path)

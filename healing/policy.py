@@ -29,7 +29,7 @@ Sections and keys (``docs/healing.md`` says why each default is what it is):
 
 Invariants: every key has a default; unknown keys and sections are refused (a misspelt key
 must not silently mean "the default"); values are checked strictly (TOML's types: ``"24"`` is
-not a number); an error names the file, the key and the value. A policy is frozen.
+not a number; ``inf`` and ``nan`` are refused, and spans are at most ten years); an error names the file, the key and the value. A policy is frozen.
 """
 
 from __future__ import annotations
@@ -50,12 +50,20 @@ class PolicyError(ValueError):
     """A policy file that cannot be used; one line per problem, naming the key and the value."""
 
 
+# Spans are bounded to ten years: a longer one means nothing for a credit model's windows, and
+# a huge one (1e308 days) would overflow datetime arithmetic at run time instead of here.
+MAX_DAYS = 3650.0
+MAX_HOURS = MAX_DAYS * 24
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DriftTrigger(_Section):
-    window_hours: float = Field(24.0, gt=0, description="the drift window: the last this many hours")
+    window_hours: float = Field(
+        24.0, gt=0, le=MAX_HOURS, description="the drift window: the last this many hours"
+    )
     min_alert_features: int = Field(
         1, ge=0, description="a PSI alert on at least this many features triggers (0: off)"
     )
@@ -65,7 +73,7 @@ class DriftTrigger(_Section):
 class OutcomeTrigger(_Section):
     enabled: bool = Field(True, description="false: outcome AUC never triggers")
     window_days: float = Field(
-        90.0, gt=0, description="labelled records of the Production version scored this far back"
+        90.0, gt=0, le=MAX_DAYS, description="labelled records of the Production version scored this far back"
     )
     auc_margin: float = Field(
         0.05, ge=0, le=1, description="outcome AUC below the training AUC by more than this triggers"
@@ -74,7 +82,9 @@ class OutcomeTrigger(_Section):
 
 
 class ScheduleTrigger(_Section):
-    every_days: float = Field(0.0, ge=0, description="0: off; else Production older than this triggers")
+    every_days: float = Field(
+        0.0, ge=0, le=MAX_DAYS, description="0: off; else Production older than this triggers"
+    )
 
 
 class Triggers(_Section):
@@ -84,9 +94,14 @@ class Triggers(_Section):
 
 
 class Attempts(_Section):
-    cooldown_hours: float = Field(24.0, ge=0, description="since the last attempt that started training")
+    cooldown_hours: float = Field(
+        24.0, ge=0, le=MAX_HOURS, description="since the last attempt that started training"
+    )
     lease_ttl_minutes: float = Field(
-        120.0, gt=0, description="an unfinished attempt older than this no longer holds the lease"
+        120.0,
+        gt=0,
+        le=MAX_HOURS * 60,
+        description="an unfinished attempt older than this no longer holds the lease",
     )
 
 
@@ -97,7 +112,9 @@ class Promotion(_Section):
 
 
 class ChallengerData(_Section):
-    lookback_days: float = Field(365.0, gt=0, description="labelled production records scored this far back")
+    lookback_days: float = Field(
+        365.0, gt=0, le=MAX_DAYS, description="labelled production records scored this far back"
+    )
     production_weight: int = Field(
         1, ge=1, le=100, description="copies of each labelled production row in the training file"
     )

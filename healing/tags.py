@@ -5,10 +5,14 @@ the training run it started (nested under it by MLflow's ``mlflow.parentRunId``)
 version registered from that run. ``credit-risk status`` reads the version tags below to show a
 challenger waiting for an operator; nothing else outside this package depends on them.
 
-Imports nothing, so that the CLI layer can read these names cheaply.
+Imports only the promotion history's tag names, so that the CLI layer can read these cheaply.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+from training.promotion_history import SEQ_TAG
 
 # -- the attempt run ------------------------------------------------------------------------
 ATTEMPT = "heal.attempt"  # "true" on every attempt run
@@ -40,7 +44,9 @@ FINAL_STATES = (NOT_TRIGGERED, SKIPPED, REFUSED, REJECTED, WAITING, PROMOTED_STA
 # -- the challenger's training run and version ----------------------------------------------
 ATTEMPT_RUN = "heal.attempt_run_id"
 CHALLENGES = "heal.challenges"  # the Production version it was trained to replace
-CHALLENGER = "heal.challenger"  # on the version: waiting, promoted, rejected or refused
+CHALLENGER = "heal.challenger"  # on the version: waiting, superseded, promoted, rejected or refused
+SUPERSEDED = "superseded"  # a newer challenger passed while this one waited: it waits no more
+SUPERSEDED_BY = "heal.superseded_by"  # the version that took its place
 # The file the chain of challengers started from: the original training data's SHA-256,
 # inherited by every challenger so that the next heal checks --data against it.
 ORIGINAL_DATASET_HASH = "heal.original_dataset_hash"
@@ -54,3 +60,10 @@ LINEAGE_ARTIFACT = "heal/lineage.json"
 WINDOWS_DIR = "heal/windows"
 TRAINING_FILE_DIR = "heal/training_file"
 PRODUCTION_ROWS_ARTIFACT = "heal/production_rows.parquet"  # keys of the production rows used
+
+
+def is_waiting(number: str, version_tags: Mapping[str, str], holder: str | None) -> bool:
+    """Whether version ``number`` is a challenger waiting for an operator: it passed the healing
+    gate in manual mode (tagged ``waiting``), is not in Production and was never promoted (a
+    promotion leaves the tag as it was, and adds the promotion history's sequence tag)."""
+    return version_tags.get(CHALLENGER) == WAITING and number != holder and SEQ_TAG not in version_tags

@@ -16,14 +16,21 @@ class InvalidRequest(MLServerError):
     """HTTP 400: the request is malformed or a value breaks the contract."""
 
     def __init__(self, message: str):
-        super().__init__(message, status_code=400)
+        super().__init__(writable(message), status_code=400)
 
 
 class RequestTooLarge(MLServerError):
     """HTTP 413: the request is over one of this server's limits (the message names it)."""
 
     def __init__(self, message: str):
-        super().__init__(message, status_code=413)
+        super().__init__(writable(message), status_code=413)
+
+
+def writable(message: str) -> str:
+    """``message`` with any lone surrogate (JSON's ``"\\ud800"`` decodes to one, and a message
+    may quote the client's string) written as ``\\ud800``: MLServer's handler must be able to
+    encode the answer as UTF-8, or the client gets a bare 500 instead of the error."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _SHOWN_CHARS = 40  # a value quoted in a message: enough to recognise it, never the whole body

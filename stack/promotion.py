@@ -294,12 +294,11 @@ def waiting_challengers(state) -> list[dict]:
     """Challengers that passed the healing gate in manual mode and wait for an operator:
     tagged ``heal.challenger=waiting``, not in Production and never promoted. Newest first."""
     from healing import tags as heal
-    from training.promotion_history import SEQ_TAG
 
     waiting = []
     for number, version in state.versions.items():
         tags = version.tags
-        if tags.get(heal.CHALLENGER) != heal.WAITING or number == state.holder or SEQ_TAG in tags:
+        if not heal.is_waiting(number, tags, state.holder):
             continue
         challenged = tags.get(heal.CHALLENGES)
         waiting.append(

@@ -77,6 +77,13 @@ def test_the_repository_policy_file_holds_exactly_the_defaults_in_code():
         ),
         ("[trigger.drift]\nscore = 1\n", "policy: trigger.drift.score = 1: Input should be a valid boolean"),
         ("[gate\n", "policy: not valid TOML"),
+        # Would pass a bare gt=0 and overflow datetime arithmetic at run time.
+        (
+            "[trigger.drift]\nwindow_hours = inf\n",
+            "policy: trigger.drift.window_hours = inf: Input should be",
+        ),
+        ("[data]\nlookback_days = 1e9\n", "policy: data.lookback_days = 1000000000.0: Input should be less"),
+        ("[trigger.schedule]\nevery_days = nan\n", "policy: trigger.schedule.every_days = nan: Input should"),
         (
             "[trigger.drift]\nmin_alert_features = 0\nscore = false\n[trigger.outcomes]\nenabled = false\n",
             "policy: no trigger is on: nothing would ever be retrained",

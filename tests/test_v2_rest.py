@@ -5,6 +5,7 @@ for bit with the matrix of the same rows sent with ``null``; numbers with the sa
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -530,3 +531,26 @@ def test_many_unknown_inputs_or_one_huge_name_make_a_short_message_quickly():
     assert len(refused(orjson.dumps(huge))) < 200
     outputs = orjson.dumps({**one_row(), "outputs": [{"name": "probability"}] * 50_000})
     assert refused(outputs) == "output(s) ['probability'] requested more than once"
+
+
+def with_datatype(index: int, datatype: str) -> dict:
+    body = one_row()
+    body["inputs"][index]["datatype"] = datatype
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "quoted"),
+    [
+        # json.dumps escapes the lone surrogates (orjson refuses them)
+        (json.dumps(with_datatype(0, "\ud800")), "\\ud800"),
+        (json.dumps(one_row(**{"\udfff": 1.0})), "\\udfff"),
+        (json.dumps({**one_row(), "id": "\udfff"}), "U+DFFF"),
+    ],
+)
+def test_a_lone_surrogate_in_a_body_is_answered_in_text_that_can_be_written(body, quoted):
+    """JSON's escaped lone surrogate decodes to a str that UTF-8 cannot encode: quoted in the
+    error as it was, MLServer's handler would fail to write the answer (a bare 500)."""
+    message = refused(body.encode())
+    assert quoted in message
+    message.encode("utf-8")

@@ -248,6 +248,8 @@ def test_request_ids_over_128_characters_or_with_control_characters_are_400(serv
     cases = [
         ({**body, "id": "x" * 129}, {}, INFER, "id: 129 characters; a request id has at most 128"),
         ({**body, "id": "a\nb"}, {}, INFER, "id: character U+000A at position 1 is not printable"),
+        # Echoed in Ce-Id, a Latin-1 header: this one was scored, then answered a bare 500.
+        ({**body, "id": "x€"}, {}, INFER, "id: character U+20AC at position 1 is not printable ASCII"),
         (body, {"X-Request-ID": "x" * 129}, INFER, "X-Request-ID: 129 characters; a request id has at most 128"),
         (body, {"X-Request-ID": "a\tb"}, INFER, "X-Request-ID: character U+0009 at position 1 is not printable"),
         (flat(sample.head(1))[0], {"X-Request-ID": "x" * 129}, "/predict",
