@@ -142,9 +142,21 @@ class OutcomeFile:
     frame: pd.DataFrame
 
 
+# Times are kept as pandas' nanosecond timestamps (the batch digest, the joins).
+_EARLIEST, _LATEST = pd.Timestamp.min.tz_localize(UTC), pd.Timestamp.max.tz_localize(UTC)
+
+
 def _parse_time(text: str) -> datetime:
+    """The UTC time ``text`` says; ``ValueError`` when it is not ISO 8601 or outside the span
+    of pandas' timestamps (years 1677 to 2262)."""
     moment = datetime.fromisoformat(text)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is past datetime's own range in UTC
+        raise ValueError(text) from None
+    if not _EARLIEST <= moment <= _LATEST:
+        raise ValueError(text)
+    return moment
 
 
 class _Parser:
@@ -192,7 +204,11 @@ class _Parser:
         try:
             return _parse_time(text)
         except ValueError:
-            self.problem(line, column, f"expected an ISO 8601 time (e.g. 2026-03-01T12:00:00Z), got {text!r}")
+            self.problem(
+                line,
+                column,
+                f"expected an ISO 8601 time between the years 1678 and 2261 (e.g. 2026-03-01T12:00:00Z), got {text!r}",
+            )
             return None
 
 

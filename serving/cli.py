@@ -2,7 +2,8 @@
 
 Before MLServer starts, the serving settings are read once (``ServingSettings``): a bad value
 raises its ``pydantic.ValidationError``, which the ``credit-risk`` command reports as a bad
-setting (exit 2). An installed MLServer other than the pinned one stops it with one line
+setting (exit 2). MLServer's own ``MLSERVER_*`` settings are read here too, and a bad one is
+reported by its variable's name (exit 2): MLServer's fields are not this command's flags. An installed MLServer other than the pinned one stops it with one line
 (exit 1: the installation is wrong, not the arguments).
 """
 
@@ -54,6 +55,10 @@ def run(args) -> int:
     os.environ.update({name: str(value) for name, value in flags.items() if value is not None})
     os.environ.update(serving_environment())
     ServingSettings()  # a bad CREDIT_RISK_* value stops here, before any port is taken
+    if problems := _mlserver_settings_problems():
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
     # Imported once the environment is final: MLServer and MLflow read it at import time.
     try:
         from serving.server import main
@@ -63,3 +68,20 @@ def run(args) -> int:
         print(f"error: {error.msg}", file=sys.stderr)
         return 1
     return main()
+
+
+def _mlserver_settings_problems() -> list[str]:
+    """One line per bad ``MLSERVER_*`` value, read by MLServer's own ``Settings`` as the server
+    will read it: ``MLSERVER_GRPC_MAX_MESSAGE_LENGTH='abc': Input should be a valid integer``."""
+    from mlserver.settings import Settings
+    from pydantic import ValidationError
+
+    try:
+        Settings()
+    except ValidationError as error:
+        prefix = Settings.model_config.get("env_prefix", "MLSERVER_")
+        return [
+            f"{prefix}{'_'.join(map(str, problem['loc'])).upper()}={problem['input']!r}: {problem['msg']}"
+            for problem in error.errors(include_url=False)
+        ]
+    return []

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -145,8 +144,8 @@ class CreditRiskRuntime(MLflowRuntime):
     async def load(self) -> bool:
         # One OpenMP thread per process: with more, p99 latency jumped from ~2 ms to ~700 ms
         # whenever another process was busy on the second core.
-        threadpool_limits(limits=int(os.environ.get("OMP_NUM_THREADS", "1")), user_api="openmp")
         settings = ServingSettings()
+        threadpool_limits(limits=settings.openmp_threads, user_api="openmp")
         self._verification = verified.VerificationSettings()
         self._limits = settings.limits
         self._gzip = ServerSettings().gzip_enabled  # MLServer compresses answers (GZipMiddleware)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 from stack import auth_policy as policy
 from stack.auth_cli import main
@@ -82,3 +83,9 @@ def test_credentials_in_per_identity_folders(tmp_path, capsys):
     for identity in policy.SERVICE_IDENTITIES:
         assert read_credentials(directory / identity / f"{identity}.env").username == identity
     assert read_credentials(directory / "admin.env").username == "admin"
+
+
+def test_the_docs_table_is_the_generated_one():
+    """docs/security.md shows exactly what ``credit-risk auth table`` prints for the default names."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    assert policy.markdown_table().rstrip("\n") in docs

@@ -245,3 +245,26 @@ def test_the_json_object_has_the_documented_keys(model, window_features):
     probability = model.probability(window_features.head(800))
     assert document["score"]["mean_probability"] == pytest.approx(probability.mean(), abs=1e-12)
     assert document["score"]["prediction_rate"] == pytest.approx(np.mean(probability >= THRESHOLD), abs=1e-15)
+
+
+def test_the_score_psi_and_mean_entropy_equal_an_independent_calculation(model, window_features):
+    """The score's PSI from ``pd.cut`` counts on the reference's own score bins (right-closed,
+    open at both ends, a missing bin) with the 0.0001 floor written out here, and the mean
+    entropy from ``scipy.stats.entropy`` row by row."""
+    from scipy.stats import entropy
+
+    features = window_features.head(800)
+    result = monitor_window(
+        model.records(features), model.profile, model_version="1", since="2026-12-01", until="2026-12-02"
+    )
+    probability = model.probability(features)
+    reference = model.profile.score
+    bins = pd.cut(probability, [-np.inf, *reference.edges, np.inf], right=True, labels=False)
+    window = np.append(np.bincount(bins, minlength=len(reference.edges) + 1), 0)  # no score is missing
+    expected = np.append(reference.counts, reference.missing) / (reference.counts.sum() + reference.missing)
+    actual = window / window.sum()
+    expected, actual = np.maximum(expected, 0.0001), np.maximum(actual, 0.0001)
+    by_hand = sum((a - e) * log(a / e) for a, e in zip(actual, expected, strict=True))
+    assert result.score.distribution.psi == pytest.approx(by_hand, abs=1e-12)
+    entropies = [entropy([p, 1 - p], base=2) for p in probability]
+    assert result.score.mean_entropy == pytest.approx(np.mean(entropies), abs=1e-12)

@@ -57,6 +57,9 @@ def test_optional_columns_may_be_absent_and_in_any_order(tmp_path):
     assert parsed.frame["observed_at"].isna().all() and parsed.name == "labels.csv"
 
 
+TIME = "expected an ISO 8601 time between the years 1678 and 2261 (e.g. 2026-03-01T12:00:00Z)"
+
+
 def test_every_problem_is_named_by_line_and_column():
     found = problems(
         "request_id,row,outcome,observed_at\n"
@@ -67,6 +70,10 @@ def test_every_problem_is_named_by_line_and_column():
         "r5,0,1\n"  # line 6
         " r6,0,1,\n"  # line 7
         "r7,3000000000,0,\n"  # line 8
+        "r8,0,1,9999-12-31T23:59:59-01:00\n"  # line 9: past datetime's range once in UTC
+        "r9,0,1,0001-01-01T00:00:00+01:00\n"  # line 10: before it
+        "r10,0,1,2300-01-01\n"  # line 11: a datetime, past pandas' nanosecond timestamps
+        "r11,0,1,2261-12-31T23:59:59Z\n"  # fine
     )
     assert found == [
         "line 2, column outcome: expected 0 or 1, got '2'",
@@ -74,10 +81,13 @@ def test_every_problem_is_named_by_line_and_column():
         "line 4, column row: expected a row number from 0 to 2147483647, got '-1'",
         "line 5, column row: expected a row number from 0 to 2147483647, got '0.5'",
         "line 5, column outcome: expected 0 or 1, got 'yes'",
-        "line 5, column observed_at: expected an ISO 8601 time (e.g. 2026-03-01T12:00:00Z), got 'yesterday'",
+        f"line 5, column observed_at: {TIME}, got 'yesterday'",
         "line 6: expected 4 fields, got 3",
         "line 7, column request_id: expected a request id without surrounding blanks, got ' r6'",
         "line 8, column row: expected a row number from 0 to 2147483647, got '3000000000'",
+        f"line 9, column observed_at: {TIME}, got '9999-12-31T23:59:59-01:00'",
+        f"line 10, column observed_at: {TIME}, got '0001-01-01T00:00:00+01:00'",
+        f"line 11, column observed_at: {TIME}, got '2300-01-01'",
     ]
 
 
@@ -124,3 +134,14 @@ def test_the_batch_digest_depends_on_content_not_order():
     second = parse("outcome,request_id\n0,b\n1,a\n").frame
     assert batch_digest(first) == batch_digest(second)
     assert batch_digest(first) != batch_digest(parse("request_id,outcome\na,1\nb,1\n").frame)
+
+
+def test_times_at_the_ends_of_the_span_are_read_and_digested():
+    parsed = parse(
+        "request_id,outcome,observed_at\nr1,1,2261-12-31T23:59:59Z\nr2,0,1678-01-01T00:00:00+01:00\n"
+    )
+    assert parsed.frame["observed_at"].tolist() == [
+        pd.Timestamp("2261-12-31T23:59:59Z"),
+        pd.Timestamp("1677-12-31T23:00:00Z"),
+    ]
+    assert len(batch_digest(parsed.frame)) == 64

@@ -34,6 +34,8 @@ def serve(tmp_path, ports: dict[str, int] | None = None, **env) -> subprocess.Co
     [
         ("CREDIT_RISK_LOAD_RETRY_MAX_S", "10"),  # below the minimum's default, 30
         ("CREDIT_RISK_SPOOL_MAX_BYTES", "1GB"),  # the nested spool settings
+        ("MLSERVER_GRPC_MAX_MESSAGE_LENGTH", "abc"),  # MLServer's own, named as a variable
+        ("OMP_NUM_THREADS", "two"),
     ],
 )
 def test_serve_with_a_bad_setting_exits_2_naming_it(tmp_path, variable, value):

@@ -564,6 +564,22 @@ def test_in_manual_mode_a_passed_challenger_waits_until_promote(stack, healed, t
     time.sleep(3)  # nothing moves by itself
     assert stack.production() == "1" and stack.served_version() == "1"
 
+    # The drift still triggers and the policy has no cooldown: the next challenger passes too,
+    # and takes the place of the one waiting (one challenger waits at a time).
+    done, newer = stack.heal(policy)
+    assert done.returncode == 0, done.stderr
+    assert newer["state"] == "waiting" and newer["candidate_version"] not in (None, version)
+    latest = newer["candidate_version"]
+    assert f"v{version}, the challenger that waited before, is superseded by v{latest}" in newer["reasons"]
+    superseded = stack.version(version).tags
+    assert superseded["heal.challenger"] == "superseded" and superseded["heal.superseded_by"] == latest
+    report = json.loads(
+        credit_risk("status", "--json", "--server", stack.url, tracking_uri=stack.tracking_uri).stdout
+    )
+    assert [item["version"] for item in report["waiting_challengers"]] == [latest]
+    assert stack.production() == "1"
+
+    version = latest
     promoted = credit_risk(
         "promote", "--version", version, "--reason", "reviewed", tracking_uri=stack.tracking_uri
     )
@@ -673,6 +689,24 @@ def test_an_attempt_on_a_machine_where_one_runs_is_skipped_by_the_local_lock(sta
     assert done.returncode == 0, done.stderr
     assert result["state"] == "skipped" and str(lock) in result["reasons"][-1]
     assert result["candidate_version"] is None and set(stack.versions()) == versions
+
+
+def test_another_original_file_is_refused_before_anything_is_trained(stack, tmp_path):
+    """The original file must be the one Production's line was trained on (its SHA-256, as
+    recorded): a file with one row less is refused, named, and nothing is registered."""
+    original = pd.read_csv(stack.original_path, index_col=0, na_values=["NA"])
+    other = kaggle_csv(original.iloc[1:], tmp_path / "other.csv")
+    policy = write_policy(tmp_path / "policy.toml", trigger__schedule={"every_days": 1e-6})
+    versions, production = set(stack.versions()), stack.production()
+    done, result = stack.heal(policy, "--data", str(other))
+    assert done.returncode == 1, done.stderr
+    assert result["triggered"] is True and result["state"] == "refused"
+    assert result["candidate_version"] is None and set(stack.versions()) == versions
+    assert stack.production() == production
+    reason = result["reasons"][-1]
+    assert f"the original training file {other}" in reason and "pass --allow-other-data" in reason
+    assert f"error: heal attempt refused: {reason}" in done.stderr
+    assert stack.attempt(result["attempt_run_id"]).data.tags["heal.state"] == "refused"
 
 
 def test_a_failed_retrain_leaves_production_as_it_was_and_says_why(stack, tmp_path, monkeypatch):
