@@ -53,11 +53,11 @@ from model.identity import (  # noqa: E402
     THRESHOLD_METRIC,
 )
 from model.schema import FEATURES  # noqa: E402
-from monitoring.profile import build_profile  # noqa: E402
 from monitoring.store import log_profile  # noqa: E402
 from serving.settings import MODEL_NAME  # noqa: E402
 from tests.helpers import BIN, mlflow_tracking_server  # noqa: E402
 from training.data import BUNDLED_SAMPLE, load_training_data  # noqa: E402
+from training.profile import build_profile  # noqa: E402
 from training.split import ContentSplit  # noqa: E402
 
 # The real data beside the repository (or beside the worktrees' folder).

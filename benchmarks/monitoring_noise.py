@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from monitoring.drift import column_drift
-from monitoring.profile import build_profile
 from monitoring.status import Thresholds
 from training.data import BUNDLED_SAMPLE, load_training_data
+from training.profile import build_profile
 from training.split import ContentSplit
 
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cs-training-dev.csv"

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import pandas as pd
 
-from monitoring.profile import build_profile
 from monitoring.window import monitor_window
 from training.data import BUNDLED_SAMPLE, load_training_data
+from training.profile import build_profile
 from training.split import ContentSplit
 
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cs-training-dev.csv"

@@ -31,9 +31,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from model.identity import TEST_ROC_AUC_TAG
-from monitoring.profile import ReferenceProfile
 from monitoring.status import ALERT, INSUFFICIENT, OK, Thresholds
 from monitoring.window import WindowResult, monitor_window
+from training.profile import ReferenceProfile
 from training.promotion_history import AT_TAG
 
 DRIFT, OUTCOMES, SCHEDULE = "drift", "outcomes", "schedule"

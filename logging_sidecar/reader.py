@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from logging_sidecar.records import COLUMNS, KEY
+from logging_sidecar.records import COLUMNS, DAY_TAG, KEY
 from logging_sidecar.settings import INFERENCE_EXPERIMENT
 from logging_sidecar.shipper import PRUNING_TAG, RECORDS_DIR, is_pruned
 
@@ -186,10 +186,10 @@ def read_records(
     runs = [run for run in runs if PRUNING_TAG not in run.data.tags]  # being deleted by retention
     # Runs are per UTC day; tag filters only compare for equality, so days are compared here.
     if since_utc is not None:
-        runs = [r for r in runs if r.data.tags.get("day", "") >= since_utc.date().isoformat()]
+        runs = [r for r in runs if r.data.tags.get(DAY_TAG, "") >= since_utc.date().isoformat()]
     if until_utc is not None:  # exclusive: a run of the day that starts at ``until`` is not read
         last_day = (until_utc - pd.Timedelta(1, "ns")).date().isoformat()
-        runs = [r for r in runs if r.data.tags.get("day", "") <= last_day]
+        runs = [r for r in runs if r.data.tags.get(DAY_TAG, "") <= last_day]
     table, skipped = _fetch(client, runs, strict, wanted)
     for name, reason in skipped:
         logger.warning(f"read_records: skipped batch {name}: {reason}")

@@ -15,9 +15,10 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from model.identity import DATASET_HASH
 from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
 
-_TEXT_IDENTITY = ("model_name", "registered_model", "model_version", "dataset_hash", "replica")
+_TEXT_IDENTITY = ("model_name", "registered_model", "model_version", DATASET_HASH, "replica")
 IDENTITY_COLUMNS = ("request_id", "row_index", "timestamp", *_TEXT_IDENTITY)
 COLUMNS = (*IDENTITY_COLUMNS, *FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY, "latency_ms")
 # What makes a record unique. Not the request id alone: clients choose it and may reuse it,
@@ -42,6 +43,11 @@ class RunKey(NamedTuple):
         return "/".join(
             (self.registered_model, f"v{self.model_version}", self.dataset_hash, self.replica, self.day)
         )
+
+
+# Every field of a run's key is also a tag of the run (the shipper writes ``key._asdict()``);
+# reading and retention select runs by this one, the UTC day of their records.
+DAY_TAG = "day"
 
 
 def run_key(request: dict) -> RunKey:

@@ -42,6 +42,7 @@ from mlflow.tracking import MlflowClient
 from logging_sidecar.dead_letters import prune_dead_letters
 from logging_sidecar.faults import FaultHook, no_faults
 from logging_sidecar.metrics import SidecarMetrics
+from logging_sidecar.records import DAY_TAG
 from logging_sidecar.shipper import PRUNING_TAG, RECORDS_DIR, RUN_KEY_TAG, refused
 from model.identity import utc_timestamp
 
@@ -58,7 +59,7 @@ class PruneIncomplete(RuntimeError):
 def past_window(run: Run, now: datetime, days: int) -> bool:
     """The run's whole UTC day is older than ``now - days``, and is not today."""
     try:
-        day = date.fromisoformat(run.data.tags.get("day", ""))
+        day = date.fromisoformat(run.data.tags.get(DAY_TAG, ""))
     except ValueError:
         return False  # not a run this project made: not ours to delete
     day_ends = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)

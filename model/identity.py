@@ -29,6 +29,11 @@ HELD_OUT_ARTIFACT = "evaluation/held_out.parquet"  # held-out rows, label and pr
 REFERENCE_SAMPLE_ARTIFACT = "reference/training_sample.parquet"  # training rows, for drift
 THRESHOLD_METRIC = "threshold"  # the decision threshold chosen at training
 
+# The experiment of the training runs (MLflow's own variable names it): where trusted runs
+# live, which a version's run must be in to be loaded.
+TRAINING_EXPERIMENT = "credit-risk-training"
+TRAINING_EXPERIMENT_VARIABLE = "MLFLOW_EXPERIMENT_NAME"
+
 # Every setting this project reads from the environment starts with this prefix (MLServer's
 # own ``MLSERVER_*`` and MLflow's ``MLFLOW_*`` variables keep theirs).
 ENV_PREFIX = "CREDIT_RISK_"

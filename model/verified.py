@@ -61,7 +61,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model import scoring
 from model.forest import MAX_ROWS as FLAT_FOREST_MAX_ROWS
-from model.identity import ENV_PREFIX, HELD_OUT_ARTIFACT
+from model.identity import ENV_PREFIX, HELD_OUT_ARTIFACT, TRAINING_EXPERIMENT, TRAINING_EXPERIMENT_VARIABLE
 from model.integrity import (
     MANIFEST_ARTIFACT,
     MANIFEST_DIGEST_TAG,
@@ -77,10 +77,7 @@ from model.schema import FEATURES
 
 logger = logging.getLogger(__name__)
 
-# The experiment training logs to by default (``training.settings.DEFAULT_EXPERIMENT``, which a
-# test holds equal to this: serving cannot import training).
-TRAINING_EXPERIMENT = "credit-risk-training"
-EXPERIMENT_VARIABLE = "MLFLOW_EXPERIMENT_NAME"
+EXPERIMENT_VARIABLE = TRAINING_EXPERIMENT_VARIABLE
 UNVERIFIED_VARIABLE = "CREDIT_RISK_ALLOW_UNVERIFIED_VERSIONS"
 
 # Why a version was refused: its files or record (``integrity``), or its answers (``answers``).

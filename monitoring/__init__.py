@@ -3,7 +3,6 @@ inference records (issue 19).
 
 | module | owns |
 | --- | --- |
-| ``profile`` | the reference profile made at training (bins, counts, exact values), its files (numpy and pandas only) |
 | ``status`` | statuses, thresholds, and how a figure becomes a status |
 | ``drift`` | PSI, KS, missing and out-of-range shares, score and confidence, per window |
 | ``outcomes`` | the outcome CSV, its strict parsing, idempotent storage in MLflow, reading back |
@@ -17,5 +16,6 @@ Data flows one way: records (``logging_sidecar.read_records``) and outcomes
 result goes to ``report.log_monitoring_run``, to the command's output, and to a service's
 gauges.
 
-Nothing is imported here, so that training can import ``monitoring.profile`` without the rest.
+The reference profile each version carries is made at training and read here: its format is
+``training.profile``, the one module of ``training`` monitoring imports.
 """

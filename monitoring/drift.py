@@ -22,7 +22,7 @@ Per feature, over the window's n rows:
 
 For the score (the probability), the same PSI and KS on the reference score deciles; the
 mean probability and the prediction rate (share of rows answered 1) against training; and the
-mean binary entropy of the probability in bits (``monitoring.profile.binary_entropy``), a
+mean binary entropy of the probability in bits (``training.profile.binary_entropy``), a
 proxy for the model's confidence (1 = coin toss, 0 = certain).
 
 Each item's status comes from its PSI (``monitoring.status.psi_status``). KS, missing-rate
@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from monitoring.profile import Distribution, ReferenceProfile, bin_labels, binary_entropy
 from monitoring.status import Thresholds, psi_status
+from training.profile import Distribution, ReferenceProfile, bin_labels, binary_entropy
 
 SHARE_FLOOR = 1e-4
 

@@ -45,12 +45,12 @@ from model.identity import PRODUCTION_STAGE, REGISTERED_MODEL_NAME, TEST_ROC_AUC
 from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
 from model.verified import VersionRefused
 from monitoring.outcomes import read_outcomes
-from monitoring.profile import ProfileError, ReferenceProfile
 from monitoring.report import log_monitoring_run
 from monitoring.settings import Experiments
 from monitoring.status import Thresholds
 from monitoring.store import load_profile, reconstruct_from_run
 from monitoring.window import WindowResult, monitor_window
+from training.profile import ProfileError, ReferenceProfile
 
 # What a window reads of each record: the join key, the time, the version, the features and
 # the answers (not the model's name, data hash, replica or latency).

@@ -34,8 +34,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from monitoring.profile import bin_labels
 from monitoring.status import INSUFFICIENT, OK, Thresholds
+from training.profile import bin_labels
 
 
 def _request_ids(frame: pd.DataFrame) -> pa.Array:

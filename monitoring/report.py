@@ -36,11 +36,11 @@ from mlflow.tracking import MlflowClient
 
 from model.identity import REGISTERED_MODEL_NAME
 from monitoring.drift import ColumnDrift
-from monitoring.profile import bin_labels
 from monitoring.settings import MONITORING_EXPERIMENT
 from monitoring.status import LEVEL
 from monitoring.store import experiment_id
 from monitoring.window import WindowResult
+from training.profile import bin_labels
 
 
 def _bars(axes, title: str, item: ColumnDrift, missing: bool = True) -> None:

@@ -2,7 +2,7 @@
 profile among its training run's artifacts.
 
 A profile is two artifacts of the training run, ``monitoring/reference.json`` and
-``monitoring/reference_values.parquet`` (``monitoring.profile`` says what they hold).
+``monitoring/reference_values.parquet`` (``training.profile`` says what they hold).
 ``load_profile`` returns None for a run without them: a version trained before profiles
 existed, for which ``reconstruct_from_run`` computes one from the run's training sample and
 held-out rows. Reconstruction needs the model's probabilities on the sample; the caller passes
@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from model.identity import HELD_OUT_ARTIFACT, REFERENCE_SAMPLE_ARTIFACT, THRESHOLD_METRIC
 from model.schema import FEATURES
-from monitoring.profile import ARTIFACT_DIR, PROFILE_FILE, ReferenceProfile, reconstruct_profile
+from training.profile import ARTIFACT_DIR, PROFILE_FILE, ReferenceProfile, reconstruct_profile
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from model.identity import utc_timestamp
 from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
 from monitoring.drift import ColumnDrift, ScoreDrift, column_drift, score_drift
 from monitoring.performance import OutcomeMetrics, join_outcomes, outcome_metrics
-from monitoring.profile import ReferenceProfile
 from monitoring.status import Thresholds, worst
+from training.profile import ReferenceProfile
 
 
 def json_safe(value: Any) -> Any:

@@ -42,7 +42,7 @@ import orjson
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.identity import ENV_PREFIX
+from model.identity import DATASET_HASH, ENV_PREFIX
 from model.schema import FEATURES, OUTPUT_PREDICTION, OUTPUT_PROBABILITY
 
 FORMAT_VERSION = 2
@@ -53,7 +53,7 @@ DROP_LEDGER_SUFFIX = ".dropped"
 FILE_MODE = 0o640  # records hold applicants' raw features: not world-readable
 
 _SEGMENT_NAME = re.compile(r"^(?P<writer>.+-\d+-(?P<started>\d+))-(?P<sequence>\d+)(?:@(?P<opened>\d+))?$")
-_IDENTITY_FIELDS = ("request_id", "model_name", "registered_model", "model_version", "dataset_hash")
+_IDENTITY_FIELDS = ("request_id", "model_name", "registered_model", "model_version", DATASET_HASH)
 
 
 class SpoolSettings(BaseSettings):

@@ -37,7 +37,7 @@ from serving.cli import add_parser as add_serve_parser
 from serving.settings import DEFAULT_HTTP_PORT, MODEL_NAME, SERVING_DIR
 from stack import auth_cli, auth_files, local, processes, services, tracking_server
 from stack import auth_policy as policy
-from stack.errors import FAILED, USAGE, UsageError, settings_errors
+from stack.errors import FAILED, USAGE, UsageError, is_usage_error, settings_errors
 from stack.heal_cli import add_parser as add_heal_parser
 from stack.monitor_cli import add_parsers as add_monitor_parsers
 from stack.promotion import add_parsers as add_promotion_parsers
@@ -364,8 +364,11 @@ def run_command(args: argparse.Namespace) -> int:
         if args.command in _FIND_TRACKING_SERVER_FIRST:
             local.use_tracking_server()
         return args.handler(args)
-    except ValidationError as error:  # settings: one line per bad variable or flag
-        for line in settings_errors(error):
+    except ValidationError as error:
+        if not is_usage_error(error):  # a model of data, not of arguments: a bug
+            traceback.print_exc()
+            return FAILED
+        for line in settings_errors(error):  # one line per bad variable or flag
             _error(line)
         return USAGE
     except (UsageError, argparse.ArgumentTypeError, DataError) as error:

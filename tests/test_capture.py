@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from logging_sidecar.records import to_frame
+from logging_sidecar.records import DAY_TAG, run_key, to_frame
 from logging_sidecar.spool import list_segments, read_chunk
 from model.schema import FEATURES
 from serving.capture import SpoolWriter
@@ -61,6 +61,8 @@ def test_a_request_round_trips_through_the_spool(tmp_path):
     pd.testing.assert_frame_equal(frame[list(FEATURES)], features, check_dtype=True)
     assert frame["probability"].tolist() == predictions["probability"].tolist()
     assert str(frame["timestamp"].dt.tz) == "UTC"
+    key = run_key(chunk.requests[0])  # its fields are the run's tags; DAY_TAG selects by day
+    assert key._asdict()[DAY_TAG] == frame["timestamp"][0].date().isoformat()
 
 
 def test_segments_rotate_by_size_and_are_sealed(tmp_path):

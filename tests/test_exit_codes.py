@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import create_model
 
 from tests.helpers import BIN, NOBODY_URL
 
@@ -113,7 +114,15 @@ def test_with_no_tracking_server_named_and_no_local_stack_nothing_is_created(tmp
 
 @pytest.mark.parametrize(
     ("raised", "last_line"),
-    [("RuntimeError('a bug')", "RuntimeError: a bug"), ("ValueError('a slip')", "ValueError: a slip")],
+    [
+        ("RuntimeError('a bug')", "RuntimeError: a bug"),
+        ("ValueError('a slip')", "ValueError: a slip"),
+        # A model of data (here one made up; say a server's answer) that fails to validate.
+        (
+            "__import__('pydantic').create_model('Answer', n=(int, ...)).model_validate({'n': 'x'})",
+            "    For further information visit https://errors.pydantic.dev/2.14/v/int_parsing",
+        ),
+    ],
 )
 def test_anything_unexpected_is_a_traceback_and_exit_1(raised, last_line):
     """A command that fails in a way nobody planned for (here a handler that raises): its
@@ -130,3 +139,21 @@ def test_anything_unexpected_is_a_traceback_and_exit_1(raised, last_line):
     assert result.returncode == 1
     assert result.stderr.startswith("Traceback (most recent call last):")
     assert result.stderr.rstrip().splitlines()[-1] == last_line
+
+
+def test_only_settings_and_flag_models_are_usage_errors(monkeypatch):
+    from pydantic import ValidationError
+
+    from serving.settings import ServingSettings
+    from stack.errors import is_usage_error
+    from training.settings import TrainingParameters
+
+    monkeypatch.setenv("CREDIT_RISK_REGISTRY_POLL_S", "soon")
+    with pytest.raises(ValidationError) as settings:
+        ServingSettings()
+    with pytest.raises(ValidationError) as flags:
+        TrainingParameters(cv_folds=1)
+    with pytest.raises(ValidationError) as data:
+        create_model("Answer", n=(int, ...)).model_validate({"n": "x"})
+    assert is_usage_error(settings.value) and is_usage_error(flags.value)
+    assert not is_usage_error(data.value)

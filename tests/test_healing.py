@@ -27,13 +27,13 @@ from healing.challenger_data import (
 )
 from healing.policy import REPOSITORY_POLICY, HealPolicy, PolicyError, load_policy, parse_policy
 from model.schema import FEATURES, TARGET
-from monitoring.profile import build_profile
 from monitoring.status import Thresholds
 from monitoring.window import monitor_window
 from stack.promotion import format_status, waiting_challengers
 from tests.helpers import BIN, SAMPLE
 from training.data import load_training_data
 from training.gate import Comparison, decide_challenge
+from training.profile import build_profile
 from training.promotion_history import RegistryState
 from training.split import row_digests
 

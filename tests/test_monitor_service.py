@@ -20,13 +20,13 @@ from pydantic import ValidationError
 from model.schema import FEATURES
 from monitoring.job import MonitoredWindow
 from monitoring.metrics import METRICS, MetricsView, MonitorCollector, registry_for
-from monitoring.profile import build_profile
 from monitoring.service import MlflowProbe, MonitorService
 from monitoring.settings import MonitorSettings, format_duration, parse_duration
 from monitoring.window import monitor_window
 from stack.errors import settings_errors
 from tests.helpers import NOBODY_URL
 from training.data import load_training_data
+from training.profile import build_profile
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,12 @@ from threadpoolctl import threadpool_limits
 
 from model.schema import FEATURES
 from monitoring.drift import SHARE_FLOOR, column_drift, ks_statistic, psi
-from monitoring.profile import Distribution, build_profile
 from monitoring.status import ALERT, INSUFFICIENT, OK, WARN, Thresholds, worst
 from monitoring.window import monitor_window
 from stack.errors import settings_errors
 from training.data import load_training_data
 from training.pipeline import build_pipeline, classifier_params
+from training.profile import Distribution, build_profile
 from training.split import ContentSplit
 
 THRESHOLD = 0.2  # the decision threshold of the test model (any fixed cut-off will do)

@@ -9,10 +9,10 @@ import pytest
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
 from monitoring.performance import join_outcomes
-from monitoring.profile import build_profile
 from monitoring.status import INSUFFICIENT, OK, Thresholds
 from monitoring.window import monitor_window
 from training.data import load_training_data
+from training.profile import build_profile
 
 THRESHOLD = 0.3
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from model.schema import FEATURES
-from monitoring.profile import (
+from training.data import load_training_data
+from training.profile import (
     FORMAT_VERSION,
     PROFILE_FILE,
     SOURCE_RECONSTRUCTED,
@@ -23,7 +24,6 @@ from monitoring.profile import (
     build_profile,
     reconstruct_profile,
 )
-from training.data import load_training_data
 
 
 @pytest.fixture(scope="module")

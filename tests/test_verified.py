@@ -85,8 +85,8 @@ def refusal(store: Store, version: str, **settings) -> verified.VersionRefused:
 
 
 def test_the_training_experiment_is_the_one_training_uses():
-    """Serving cannot import ``training``: the name is written twice, and held equal here."""
-    assert verified.TRAINING_EXPERIMENT == DEFAULT_EXPERIMENT
+    """Both read ``model.identity``'s name and variable; a settings class could still drift."""
+    assert verified.VerificationSettings().training_experiment == TrainingSettings().experiment
     assert TrainingSettings.model_fields["experiment"].validation_alias == verified.EXPERIMENT_VARIABLE
 
 

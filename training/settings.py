@@ -26,12 +26,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.identity import ENV_PREFIX
+from model.identity import ENV_PREFIX, TRAINING_EXPERIMENT, TRAINING_EXPERIMENT_VARIABLE
 from training.data import BUNDLED_SAMPLE
 from training.pipeline import classifier_params
 from training.promotion_history import ACTOR_VARIABLE, default_actor
 
-DEFAULT_EXPERIMENT = "credit-risk-training"
+DEFAULT_EXPERIMENT = TRAINING_EXPERIMENT
 _SHAPING_SOURCES = ("model", "training")
 # The parameters that, with the data and the code, decide the model.
 _SHAPING_PARAMETERS = ("seed", "test_size", "cv_folds", "classifier")
@@ -60,7 +60,7 @@ class TrainingSettings(BaseSettings):
     experiment: str = Field(
         DEFAULT_EXPERIMENT,
         min_length=1,
-        validation_alias="MLFLOW_EXPERIMENT_NAME",
+        validation_alias=TRAINING_EXPERIMENT_VARIABLE,
         description="the MLflow experiment of the run",
     )
     retrain: bool = Field(

@@ -50,8 +50,8 @@ from model.pyfunc import (
     model_signature,
 )
 from model.schema import TARGET
-from monitoring import profile as monitoring_profile
 from training import evaluation, gate, registry
+from training import profile as reference_profile
 from training.data import TrainingData, load_training_data
 from training.gate import GateDecision
 from training.importance import permutation_importances
@@ -341,11 +341,11 @@ def _log_reference_profile(pipeline, split: Split, threshold: float, data: Train
     """The version's reference profile for monitoring (issue 19): the full training split's
     feature distributions and the fitted pipeline's probabilities on it (in-sample: what the
     model was fitted to reproduce, the population its scores will drift from), logged under
-    ``monitoring/`` in ``monitoring.profile``'s two files. Monitoring reads it back and needs
+    ``monitoring/`` in ``training.profile``'s two files. Monitoring reads it back and needs
     no training data at run time."""
     with stage(f"Profiling the {len(split.y_train)} training rows for monitoring"):
         probability = pipeline.predict_proba(split.x_train)[:, 1]
-        profile = monitoring_profile.build_profile(
+        profile = reference_profile.build_profile(
             split.x_train,
             probability,
             threshold,
@@ -353,7 +353,7 @@ def _log_reference_profile(pipeline, split: Split, threshold: float, data: Train
         )
         with tempfile.TemporaryDirectory() as directory:
             for path in profile.save(Path(directory)):
-                mlflow.log_artifact(str(path), monitoring_profile.ARTIFACT_DIR)
+                mlflow.log_artifact(str(path), reference_profile.ARTIFACT_DIR)
 
 
 class Evaluated(NamedTuple):

@@ -40,13 +40,13 @@ from model.identity import (
     version_uri,
 )
 from model.schema import FEATURES, TARGET
-from monitoring.profile import SOURCE_RECONSTRUCTED, SOURCE_TRAINING_SPLIT, build_profile
 from monitoring.settings import MONITORING_EXPERIMENT, OUTCOMES_EXPERIMENT
 from monitoring.store import load_profile
 from serving.settings import MODEL_NAME
 from stack import processes, services
 from tests.helpers import BIN, credit_risk, free_port
 from training.data import load_training_data
+from training.profile import SOURCE_RECONSTRUCTED, SOURCE_TRAINING_SPLIT, build_profile
 from training.split import ContentSplit
 
 pytestmark = pytest.mark.integration

@@ -19,12 +19,12 @@ from mlflow.tracking import MlflowClient
 from model import scoring
 from model.identity import HELD_OUT_ARTIFACT, REGISTERED_MODEL_NAME
 from model.schema import FEATURES, TARGET
-from monitoring.profile import SOURCE_RECONSTRUCTED, build_profile
 from monitoring.report import MONITORING_EXPERIMENT, log_monitoring_run
 from monitoring.status import LEVEL
 from monitoring.store import load_profile, log_profile, reconstruct_from_run
 from monitoring.window import monitor_window
 from tests.helpers import credit_risk, mlflow_tracking_server
+from training.profile import SOURCE_RECONSTRUCTED, build_profile
 
 pytestmark = pytest.mark.integration
 
