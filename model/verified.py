@@ -34,7 +34,9 @@ Invariants:
   cannot be unpickled) propagates as it is: a failure to load, not a refusal.
 - The current code scores every version. A version trained with code that answers otherwise
   is refused by step 8, never served silently with other answers: retrain it, or run the image
-  it was trained with.
+  it was trained with. A version whose logged code differs from the running ``model/`` but
+  answers the same is loaded, and says so: ``VerifiedVersion.code_differs`` names the files,
+  and ``description`` (logs, readiness, ``credit-risk status``, promote) carries them.
 - ``VerifiedVersion.close`` removes the folder and the ``sys.path`` entry MLflow's loader added
   for the version's logged code; serving keeps the folder while it serves the version.
 """
@@ -148,6 +150,8 @@ class VerifiedVersion:
     answers: Answers
     root: Path  # the private folder: ``checked/`` (the verified layout) and ``record/``
     seconds: dict[str, float] = field(default_factory=dict)
+    # The files of ``model/`` where the version's logged code and the running code differ.
+    code_differs: tuple[str, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -163,7 +167,18 @@ class VerifiedVersion:
             )
         return (
             f"{len(self.manifest.files)} files match integrity record {self.manifest.short_digest}, "
-            f"{self.answers.rows} held-out rows answered as logged at training"
+            f"{self.answers.rows} held-out rows answered as logged at training{self.code_note}"
+        )
+
+    @property
+    def code_note(self) -> str:
+        """'' when the version's logged code is the running code, else a clause naming the files."""
+        if not self.code_differs:
+            return ""
+        shown = ", ".join(self.code_differs[:5]) + (" ..." if len(self.code_differs) > 5 else "")
+        return (
+            f"; scored by this image's model/ code, which differs from the version's logged code in "
+            f"{len(self.code_differs)} file(s): {shown}"
         )
 
     def close(self) -> None:
@@ -346,10 +361,32 @@ def _load_into(
     answers = check_answers(loaded, pd.read_parquet(held_out))
     seconds["answers"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
-    checked = VerifiedVersion(name, version, run.info.run_id, loaded, manifest, answers, root, seconds)
+    differs = code_differences(folder / MODEL_DIR / LOGGED_CODE_DIR, RUNNING_CODE)
+    checked = VerifiedVersion(
+        name, version, run.info.run_id, loaded, manifest, answers, root, seconds, differs
+    )
+    if differs:
+        logger.warning(f"{name} version {version}{checked.code_note}")
     timings = ", ".join(f"{step} {value:.2f} s" for step, value in seconds.items())
     logger.info(f"{name} version {version}: {checked.description} ({timings})")
     return checked
+
+
+# Where MLflow keeps a model's ``code_paths`` (training logs the ``model`` package there), and
+# the package this process scores every version with.
+LOGGED_CODE_DIR = "code/model"
+RUNNING_CODE = Path(__file__).resolve().parent
+
+
+def code_differences(logged: Path, running: Path) -> tuple[str, ...]:
+    """The ``.py`` files (relative paths) that differ between the logged code ``logged`` and the
+    running code ``running``, or exist in one only; every file when nothing was logged."""
+
+    def sources(root: Path) -> dict[str, bytes]:
+        return {path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*.py")}
+
+    theirs, ours = sources(logged) if logged.is_dir() else {}, sources(running)
+    return tuple(sorted(name for name in theirs.keys() | ours.keys() if theirs.get(name) != ours.get(name)))
 
 
 @contextmanager

@@ -138,8 +138,10 @@ class CreditRiskRuntime(MLflowRuntime):
         if follower is None:
             return "not loaded"
         served = self._served
-        unverified = served is not None and served.checked.manifest is None
-        return follower.status + (f"; {served.checked.description}" if unverified else "")
+        # Said wherever the status is read (readiness, /model/info, credit-risk status): a version
+        # loaded without its files checked, or scored by code other than its own.
+        worth_saying = served is not None and (served.checked.manifest is None or served.checked.code_differs)
+        return follower.status + (f"; {served.checked.description}" if worth_saying else "")
 
     async def load(self) -> bool:
         # One OpenMP thread per process: with more, p99 latency jumped from ~2 ms to ~700 ms
@@ -215,7 +217,7 @@ class CreditRiskRuntime(MLflowRuntime):
             logger.warning(f"version {served.version}: {scorer.fast_path_status}")
         checked = served.checked
         timings = ", ".join(f"{step} {seconds:.2f} s" for step, seconds in checked.seconds.items())
-        log = logger.warning if checked.manifest is None else logger.info
+        log = logger.warning if checked.manifest is None or checked.code_differs else logger.info
         log(f"version {served.version}: {checked.description} ({timings})")
         if previous is not None:  # requests still scoring on it hold the model, not its files
             previous.checked.close()

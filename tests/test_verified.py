@@ -251,3 +251,45 @@ def test_a_bad_unverified_list_names_the_variable(monkeypatch, value):
     (error,) = raised.value.errors()
     assert error["loc"] == ("CREDIT_RISK_ALLOW_UNVERIFIED_VERSIONS",) and error["input"] == value
     assert "must be registry version numbers separated by commas" in error["msg"]
+
+
+def test_a_version_whose_logged_code_differs_from_the_running_code_says_so(store, tmp_path, monkeypatch):
+    """The running ``model/`` scores every version; when the version's logged code is not that
+    code but answers the same, it loads, and its description names the files that differ."""
+    version, _ = store.version()
+    checked = store.load(version)
+    try:
+        assert checked.code_differs == ()  # logged from this very code
+        assert "differs" not in checked.description
+    finally:
+        checked.close()
+
+    running = tmp_path / "model"
+    running.mkdir()
+    for path in verified.RUNNING_CODE.glob("*.py"):
+        (running / path.name).write_bytes(path.read_bytes())
+    (running / "forest.py").write_bytes((running / "forest.py").read_bytes() + b"\n# another build\n")
+    (running / "new_module.py").write_text("")
+    monkeypatch.setattr(verified, "RUNNING_CODE", running)
+    checked = store.load(version)
+    try:
+        assert checked.code_differs == ("forest.py", "new_module.py")
+        assert checked.description.endswith(
+            "; scored by this image's model/ code, which differs from the version's logged code in "
+            "2 file(s): forest.py, new_module.py"
+        )
+    finally:
+        checked.close()
+
+
+def test_code_differences_by_hand(tmp_path):
+    logged, running = tmp_path / "logged", tmp_path / "running"
+    for root in (logged, running):
+        (root / "sub").mkdir(parents=True)
+        (root / "same.py").write_text("x = 1\n")
+    (logged / "sub" / "changed.py").write_text("a\n")
+    (running / "sub" / "changed.py").write_text("b\n")
+    (logged / "gone.py").write_text("")
+    (running / "notes.txt").write_text("not code")
+    assert verified.code_differences(logged, running) == ("gone.py", "sub/changed.py")
+    assert verified.code_differences(tmp_path / "nothing", running) == ("same.py", "sub/changed.py")
