@@ -7,7 +7,8 @@ Invariants:
   bad value names its variable.
 - The body limit counts bytes after decompression (``serving.body_limit`` applies it); the
   row limit is decided from the declared shape, or the list length on ``/predict``, before
-  any value is converted (``serving.v2.check_tensor``). Both answer 413 naming the limit.
+  any value is converted (``serving.v2.check_tensor``); over gRPC, after MLServer's own
+  conversion of the message, whose size the message limit bounds. Both answer 413 naming the limit.
 - A request id (the body's ``id``, the ``X-Request-ID`` header) is at most
   ``MAX_REQUEST_ID_CHARS`` characters of printable ASCII: it is written into every record and
   log line of the request, and may be echoed into response headers, which clients refuse
