@@ -29,7 +29,8 @@ Sections and keys (``docs/healing.md`` says why each default is what it is):
 
 Invariants: every key has a default; unknown keys and sections are refused (a misspelt key
 must not silently mean "the default"); values are checked strictly (TOML's types: ``"24"`` is
-not a number; ``inf`` and ``nan`` are refused, and spans are at most ten years); an error names the file, the key and the value. A policy is frozen.
+not a number; ``inf`` and ``nan`` are refused, and spans are at most ten years); an error
+names the file, the key and the value. A policy is frozen.
 """
 
 from __future__ import annotations

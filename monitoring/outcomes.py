@@ -207,7 +207,8 @@ class _Parser:
             self.problem(
                 line,
                 column,
-                f"expected an ISO 8601 time between the years 1678 and 2261 (e.g. 2026-03-01T12:00:00Z), got {text!r}",
+                "expected an ISO 8601 time between the years 1678 and 2261 "
+                f"(e.g. 2026-03-01T12:00:00Z), got {text!r}",
             )
             return None
 

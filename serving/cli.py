@@ -3,8 +3,9 @@
 Before MLServer starts, the serving settings are read once (``ServingSettings``): a bad value
 raises its ``pydantic.ValidationError``, which the ``credit-risk`` command reports as a bad
 setting (exit 2). MLServer's own ``MLSERVER_*`` settings are read here too, and a bad one is
-reported by its variable's name (exit 2): MLServer's fields are not this command's flags. An installed MLServer other than the pinned one stops it with one line
-(exit 1: the installation is wrong, not the arguments).
+reported by its variable's name (exit 2): MLServer's fields are not this command's flags. An
+installed MLServer other than the pinned one stops it with one line (exit 1: the installation
+is wrong, not the arguments).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Invariants:
 - The body limit counts bytes after decompression (``serving.body_limit`` applies it); the
   row limit is decided from the declared shape, or the list length on ``/predict``, before
   any value is converted (``serving.v2.check_tensor``); over gRPC, after MLServer's own
-  conversion of the message, whose size the message limit bounds. Both answer 413 naming the limit.
+  conversion of the message, whose size the message limit bounds. Both answer 413 naming
+  the limit.
 - A request id (the body's ``id``, the ``X-Request-ID`` header) is at most
   ``MAX_REQUEST_ID_CHARS`` characters of printable ASCII: it is written into every record and
   log line of the request, and may be echoed into response headers, which clients refuse
@@ -28,7 +29,6 @@ from serving.errors import InvalidRequest, show
 MAX_REQUEST_ID_CHARS = 128
 REQUEST_ID_HEADER = "X-Request-ID"
 
-# C0 and C1 controls and DEL, and lone surrogates (which no UTF-8 encoder writes).
 # Printable ASCII only: the id is echoed in the Ce-Id response header, which HTTP carries as
 # Latin-1 (a "€" there made the answer a bare 500), and logged and stored everywhere as text.
 _NOT_PRINTABLE = re.compile("[^\x20-\x7e]")

@@ -37,7 +37,9 @@ Versions trained before profiles existed get one from what their runs logged
 (``reconstruct_profile``): the 5,000-row training sample and the held-out rows with their
 probabilities, marked ``source: "reconstructed ..."``.
 
-Imports numpy and pandas only: training imports this module.
+Training makes the profile and monitoring reads it: this module is the contract between the
+two, and imports numpy, pandas and ``model`` only, so that monitoring can import it without
+the rest of training.
 """
 
 from __future__ import annotations

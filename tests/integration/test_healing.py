@@ -54,6 +54,7 @@ from serving.settings import MODEL_NAME
 from stack import processes, services
 from tests.helpers import BIN, Background, credit_risk, free_port, serving_service, wait_for_log_line
 from tests.integration.test_serving import v2_body
+from tests.integrity_helpers import overwrite_stored_file, read_stored_file, tripwire_of_size
 from training import registry
 from training.data import load_training_data
 from training.promotion_history import Promotion
@@ -68,6 +69,7 @@ SWITCH_WITHIN_S = 60
 
 # The test's policy: the defaults, with windows and minimums sized for 2,500 rows of traffic
 # and no cooldown (the tests follow each other within minutes); each test adds its own keys.
+PIPELINE_FILE = "artifacts/pipeline.joblib"  # of a version's stored model
 BASE_POLICY = {
     "trigger.drift": {"window_hours": 6.0},
     "trigger.outcomes": {"window_days": 1.0, "auc_margin": 0.03, "min_labelled_rows": 500},
@@ -707,6 +709,47 @@ def test_another_original_file_is_refused_before_anything_is_trained(stack, tmp_
     assert f"the original training file {other}" in reason and "pass --allow-other-data" in reason
     assert f"error: heal attempt refused: {reason}" in done.stderr
     assert stack.attempt(result["attempt_run_id"]).data.tags["heal.state"] == "refused"
+
+
+def test_a_challenger_whose_files_change_before_the_gate_is_refused_and_never_promoted(
+    stack, tmp_path, monkeypatch
+):
+    """Between its registration and the gate, the challenger's stored pipeline is overwritten
+    through the artifact proxy with a pickle that would touch a marker file if loaded: the gate
+    loads it as serving does, the integrity check refuses it by name before anything is
+    unpickled, and nothing moves, even in auto mode. Called in-process (to reach that moment)."""
+    from healing.heal import heal_once
+    from training import gate
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.tracking_uri)
+    client = MlflowClient(stack.tracking_uri)
+    production = stack.production()
+    marker = tmp_path / "unpickled"
+    challenge = gate.challenge
+
+    def tampered_then_gated(client_, version, *args, **kwargs):
+        original = read_stored_file(client, version, PIPELINE_FILE)
+        overwrite_stored_file(client, version, PIPELINE_FILE, tripwire_of_size(marker, len(original)))
+        return challenge(client_, version, *args, **kwargs)
+
+    monkeypatch.setattr(gate, "challenge", tampered_then_gated)
+    policy = write_policy(
+        tmp_path / "policy.toml", trigger__schedule={"every_days": 1e-6}, data={"production_weight": 3}
+    )
+    result = heal_once(
+        settings=HealSettings(lock_dir=tmp_path, training=TrainingSettings(data=stack.original_path)),
+        policy=load_policy(policy),
+        mode="auto",
+        client=client,
+    )
+    assert result.state == "refused" and not result.ok and result.promoted is False
+    assert result.gate["decision"] == "refused"
+    assert PIPELINE_FILE in result.gate["reason"] and "content differs" in result.gate["reason"]
+    assert result.reasons[-1].startswith("refused by the gate, never promoted:")
+    assert not marker.exists()  # refused before anything was unpickled
+    assert stack.production() == production and stack.served_version() == production
+    assert stack.version(result.candidate_version).tags["heal.challenger"] == "refused"
+    assert stack.attempt(result.attempt_run_id).data.tags["heal.state"] == "refused"
 
 
 def test_a_failed_retrain_leaves_production_as_it_was_and_says_why(stack, tmp_path, monkeypatch):
