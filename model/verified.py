@@ -79,7 +79,6 @@ from model.schema import FEATURES
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENT_VARIABLE = TRAINING_EXPERIMENT_VARIABLE
 UNVERIFIED_VARIABLE = "CREDIT_RISK_ALLOW_UNVERIFIED_VERSIONS"
 
 # Why a version was refused: its files or record (``integrity``), or its answers (``answers``).
@@ -98,7 +97,7 @@ class VerificationSettings(BaseSettings):
     training_experiment: str = Field(
         TRAINING_EXPERIMENT,
         min_length=1,
-        validation_alias=EXPERIMENT_VARIABLE,
+        validation_alias=TRAINING_EXPERIMENT_VARIABLE,
         description="the training experiment: a version loads only if its run is there",
     )
     allow_unverified_versions: str = Field(
@@ -221,14 +220,14 @@ def _check_training_run(client: MlflowClient, run: Run, settings: VerificationSe
     if experiment is None:
         raise VersionRefused(
             INTEGRITY,
-            f"the training experiment {name!r} ({EXPERIMENT_VARIABLE}) does not exist at "
+            f"the training experiment {name!r} ({TRAINING_EXPERIMENT_VARIABLE}) does not exist at "
             f"{client.tracking_uri}, so no run can be trusted",
         )
     if run.info.experiment_id != experiment.experiment_id:
         raise VersionRefused(
             INTEGRITY,
             f"its run {run.info.run_id} is in experiment {run.info.experiment_id}, not in the training "
-            f"experiment {name!r} ({experiment.experiment_id}, {EXPERIMENT_VARIABLE}), where only "
+            f"experiment {name!r} ({experiment.experiment_id}, {TRAINING_EXPERIMENT_VARIABLE}), where only "
             "training can write",
         )
 

@@ -87,7 +87,10 @@ def refusal(store: Store, version: str, **settings) -> verified.VersionRefused:
 def test_the_training_experiment_is_the_one_training_uses():
     """Both read ``model.identity``'s name and variable; a settings class could still drift."""
     assert verified.VerificationSettings().training_experiment == TrainingSettings().experiment
-    assert TrainingSettings.model_fields["experiment"].validation_alias == verified.EXPERIMENT_VARIABLE
+    assert (
+        TrainingSettings.model_fields["experiment"].validation_alias
+        == verified.VerificationSettings.model_fields["training_experiment"].validation_alias
+    )
 
 
 def test_a_recorded_version_loads_from_its_verified_folder_and_answers_as_logged(store):
